@@ -1,0 +1,38 @@
+"""Install: pip install -e ".[test]"   (extras: test, sim, cuda, tpu)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12.8",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "array_record",
+    "sentencepiece",
+    "ml-collections",
+    "numpy",
+    "matplotlib",
+    "tqdm",
+    "msgpack",
+    "websockets",
+    "tensorboard",
+    "pillow",
+]
+# Data generation: Meta-World experts rendered headless; TensorFlow only to *write* TFDS datasets.
+SIM = ["metaworld>=3.1", "packaging", "tensorflow-cpu", "importlib_resources", "imageio"]
+
+setup(
+    name="vla",
+    version="0.1.0",
+    description="JAX pretraining of vision-language-action models (pi0 / pi0.5 line).",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vla*", "data*", "configs*", "launch*", "tools*"]),
+    install_requires=CORE,
+    extras_require={
+        "sim": SIM,
+        "test": SIM + ["pytest", "pytest-xdist"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
