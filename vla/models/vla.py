@@ -1,0 +1,360 @@
+"""The vision-language-action model: SigLIP + a two-expert Gemma (VLM, action expert) trained with
+flow matching on action chunks and cross-entropy on text targets.
+
+Token layout (one sequence; expert 0 runs the prefix, expert 1 the suffix):
+
+    prefix = [camera 0: past frames pooled, current frame] ... [camera C-1] [text tokens]
+    suffix = π0:   [state token] [action tokens x H]
+             π0.5: [action tokens x H]        (state is discretized into the prompt)
+
+Attention is block-causal (see layers.block_causal_mask): the prefix attends to itself fully,
+text targets (captions, answers, subtasks, FAST action tokens) causally, the state block sees the
+prefix, the action block sees everything before it and itself. So prefix outputs never depend on
+the state or actions, which is what lets `sample_actions` cache the prefix once.
+
+Flow matching (openpi convention): t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t * eps + (1 - t) * a,
+the action expert predicts u = eps - a; sampling integrates from t=1 to t=0 with Euler steps.
+Unlike openpi the flow loss is masked by action_mask (padded dims and steps past the episode end).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vla.models import layers as L
+from vla.models.gemma import Decoder
+from vla.models.siglip import SigLIP
+from vla.models.variants import gemma_variant, vit_variant
+
+Batch = dict[str, Any]
+MODES = ("pi0", "pi05")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLAConfig:
+    """Static model configuration (hashable: it is closed over by jitted functions)."""
+
+    mode: str = "pi0"
+    vit: str = "tiny/8"
+    vlm: str = "gemma_tiny"
+    action_expert: str = "gemma_tiny_expert"
+    image_size: int = 32
+    cameras: tuple[str, ...] = ("corner2",)
+    context_frames: int = 1  # frames per camera, current frame last
+    past_frame_tokens: int = 4  # tokens each past frame is pooled to (a square number)
+    max_text_tokens: int = 16
+    state_dim: int = 8
+    action_dim: int = 4
+    action_horizon: int = 10
+    vocab_size: int = 256
+    knowledge_insulation: bool = False
+    fast_token_start: int | None = None  # text targets with ids >= this are hidden from actions
+    flow_loss_weight: float = 1.0
+    text_loss_weight: float = 1.0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
+        vit = vit_variant(self.vit)
+        gemma_variant(self.vlm), gemma_variant(self.action_expert)
+        if self.image_size % vit.patch:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the ViT patch {vit.patch}")
+        if self.context_frames < 1:
+            raise ValueError(f"context_frames must be >= 1, got {self.context_frames}")
+        if self.context_frames > 1:
+            side, grid = math.isqrt(self.past_frame_tokens), self.image_size // vit.patch
+            if side * side != self.past_frame_tokens or grid % side:
+                raise ValueError(
+                    f"past_frame_tokens={self.past_frame_tokens} must be a square s*s with s dividing the "
+                    f"{grid}x{grid} patch grid (e.g. {[d * d for d in range(1, grid + 1) if grid % d == 0]})")
+
+    @classmethod
+    def from_config(cls, config) -> "VLAConfig":
+        """From a run config (configs/*.py): the model section plus the knobs it depends on."""
+        m, k = config.model, config.knobs
+        return cls(
+            mode=m.mode, vit=k.vit, vlm=k.vlm, action_expert=k.action_expert, image_size=m.image_size,
+            cameras=tuple(m.cameras), context_frames=k.context_frames, past_frame_tokens=k.past_frame_tokens,
+            max_text_tokens=k.max_text_tokens, state_dim=m.state_dim, action_dim=m.action_dim,
+            action_horizon=action_horizon(k.chunk_s, k.control_hz), vocab_size=m.vocab_size,
+            knowledge_insulation=m.knowledge_insulation, fast_token_start=m.get("fast_token_start"),
+            flow_loss_weight=m.flow_loss_weight, text_loss_weight=m.text_loss_weight,
+            param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
+            scan_layers=m.scan_layers)
+
+    @property
+    def image_tokens(self) -> int:
+        """Prefix tokens from images: per camera, (T-1) pooled past frames + one full frame."""
+        full = (self.image_size // vit_variant(self.vit).patch) ** 2
+        return len(self.cameras) * ((self.context_frames - 1) * self.past_frame_tokens + full)
+
+
+def action_horizon(chunk_s: float, control_hz: float) -> int:
+    """Action chunk length in steps at the control rate."""
+    return max(1, round(chunk_s * control_hz))
+
+
+class VLA(nnx.Module):
+    def __init__(self, cfg: VLAConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd, cd = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        vlm, expert = gemma_variant(cfg.vlm), gemma_variant(cfg.action_expert)
+        common = dict(param_dtype=pd, compute_dtype=cd, scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
+        self.vit = SigLIP(vit_variant(cfg.vit), cfg.image_size, vlm.width, rngs=rngs, **common)
+        pi05 = cfg.mode == "pi05"
+        self.decoder = Decoder([vlm, expert], cfg.vocab_size, rngs=rngs,
+                               adarms_cond_dims=[None, expert.width if pi05 else None], **common)
+        w = expert.width
+        self.action_in_proj = L.Dense(cfg.action_dim, w, (None, "embed"), rngs=rngs, dtype=pd)
+        self.action_out_proj = L.Dense(w, cfg.action_dim, ("embed", None), rngs=rngs, dtype=pd)
+        if pi05:
+            self.time_mlp_in = L.Dense(w, w, (None, "embed"), rngs=rngs, dtype=pd)
+            self.time_mlp_out = L.Dense(w, w, ("embed", None), rngs=rngs, dtype=pd)
+        else:
+            self.state_proj = L.Dense(cfg.state_dim, w, (None, "embed"), rngs=rngs, dtype=pd)
+            self.action_time_mlp_in = L.Dense(2 * w, w, (None, "embed"), rngs=rngs, dtype=pd)
+            self.action_time_mlp_out = L.Dense(w, w, ("embed", None), rngs=rngs, dtype=pd)
+
+    # ------------------------------------------------------------------ token blocks
+
+    def embed_prefix(self, batch: Batch) -> dict[str, jax.Array]:
+        """Image tokens of every camera and context frame, then the text tokens.
+
+        Returns x [B, Sp, W0], valid [B, Sp], ar [B, Sp] (block starts: text targets),
+        hidden [B, Sp] (tokens the action expert must not see: FAST action targets).
+        """
+        cfg, cd = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+        tokens = batch["tokens"]
+        b, t = tokens.shape[0], cfg.context_frames
+        missing = [c for c in cfg.cameras if c not in batch["images"]]
+        if missing:
+            raise ValueError(f"batch has no images for cameras {missing}; expected {list(cfg.cameras)}")
+        frames = jnp.stack([batch["images"][c] for c in cfg.cameras])  # [C, B, T, H, W, 3]
+        if frames.shape[2] != t:
+            raise ValueError(f"images have {frames.shape[2]} frames, the model expects context_frames={t}")
+        c, hw = frames.shape[0], frames.shape[3:]
+        encoded = self.vit(frames.reshape(c * b * t, *hw)).astype(cd)
+        encoded = encoded.reshape(c, b, t, *encoded.shape[1:])  # [C, B, T, P, W0]
+        image_mask = batch.get("image_mask", jnp.ones((b, c), bool))
+        frame_mask = batch.get("frame_mask", jnp.ones((b, c, t), bool)) & image_mask[:, :, None]
+        xs, valids = [], []
+        for cam in range(c):
+            if t > 1:
+                past = _pool_tokens(encoded[cam, :, :-1], cfg.past_frame_tokens)  # [B, T-1, k, W0]
+                xs.append(past.reshape(b, -1, past.shape[-1]))
+                valids.append(jnp.repeat(frame_mask[:, cam, :-1], cfg.past_frame_tokens, axis=1))
+            xs.append(encoded[cam, :, -1])
+            valids.append(jnp.repeat(frame_mask[:, cam, -1:], encoded.shape[3], axis=1))
+        n_img = sum(x.shape[1] for x in xs)
+        text_valid = batch["token_mask"]
+        target = batch.get("target_mask", jnp.zeros_like(text_valid)) & text_valid
+        hidden = (target & (tokens >= cfg.fast_token_start) if cfg.fast_token_start is not None
+                  else jnp.zeros_like(target))
+        zeros = jnp.zeros((b, n_img), bool)
+        return dict(
+            x=L.constrain_tokens(jnp.concatenate(xs + [self.decoder.embed(tokens)], axis=1)),
+            valid=jnp.concatenate(valids + [text_valid], axis=1),
+            ar=jnp.concatenate([zeros, target], axis=1),
+            hidden=jnp.concatenate([zeros, hidden], axis=1),
+        )
+
+    def embed_suffix(self, state: jax.Array, x_t: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
+        """π0: [state token][H action tokens]; π0.5: [H action tokens] + adaRMS condition.
+
+        state [B, S], x_t [B, H, A], t [B] -> x [B, Ss, W1], valid, ar [B, Ss], cond [B, W1] | None.
+        """
+        cd = jnp.dtype(self.cfg.compute_dtype)
+        b, h, _ = x_t.shape
+        w = self.action_in_proj.kernel.shape[1]
+        actions = self.action_in_proj(x_t.astype(cd))
+        time_emb = L.sincos_embedding(t, w).astype(cd)
+        if self.cfg.mode == "pi05":
+            cond = jax.nn.swish(self.time_mlp_out(jax.nn.swish(self.time_mlp_in(time_emb))))
+            x, ar = actions, jnp.zeros((b, h), bool).at[:, 0].set(True)
+        else:
+            cond = None
+            mixed = jnp.concatenate([actions, jnp.broadcast_to(time_emb[:, None], (b, h, w))], axis=-1)
+            mixed = self.action_time_mlp_out(jax.nn.swish(self.action_time_mlp_in(mixed)))
+            x = jnp.concatenate([self.state_proj(state.astype(cd))[:, None], mixed], axis=1)
+            ar = jnp.zeros((b, h + 1), bool).at[:, :2].set(True)
+        return dict(x=L.constrain_tokens(x), valid=jnp.ones(ar.shape, bool), ar=ar, cond=cond)
+
+    def _joint(self, prefix: dict, suffix: dict) -> tuple[jax.Array, jax.Array]:
+        """Prefix and suffix through the decoder together (training, and the uncached reference)."""
+        valid = jnp.concatenate([prefix["valid"], suffix["valid"]], axis=1)
+        mask = L.block_causal_mask(valid, jnp.concatenate([prefix["ar"], suffix["ar"]], axis=1))
+        n_prefix = prefix["x"].shape[1]
+        hidden = jnp.concatenate([prefix["hidden"], jnp.zeros_like(suffix["valid"])], axis=1)
+        is_suffix_row = jnp.arange(valid.shape[1]) >= n_prefix
+        mask = mask & ~(is_suffix_row[None, :, None] & hidden[:, None, :])
+        (prefix_out, suffix_out), _ = self.decoder(
+            [prefix["x"], suffix["x"]], L.positions_from_valid(valid), mask,
+            adarms_cond=[None, suffix["cond"]], insulate=self.cfg.knowledge_insulation)
+        return prefix_out, suffix_out
+
+    def _velocity(self, suffix_out: jax.Array) -> jax.Array:
+        return self.action_out_proj(suffix_out[:, -self.cfg.action_horizon:]).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, batch: Batch, rng: jax.Array, num_sources: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Weighted flow-matching + text cross-entropy loss.
+
+        Returns (scalar loss, metrics) with metrics["flow_loss"], ["text_loss"] and per-source
+        ["flow_loss_per_source"], ["text_loss_per_source"] [num_sources] (NaN-free: 0 where a source
+        had no supervised elements) with their element counts ["*_count_per_source"].
+        """
+        cfg = self.cfg
+        actions = batch["actions"].astype(jnp.float32)
+        b = actions.shape[0]
+        noise_rng, time_rng = jax.random.split(rng)
+        eps = jax.random.normal(noise_rng, actions.shape, jnp.float32)
+        t = jax.random.beta(time_rng, 1.5, 1.0, (b,)) * 0.999 + 0.001
+        x_t = t[:, None, None] * eps + (1.0 - t[:, None, None]) * actions
+        prefix = self.embed_prefix(batch)
+        prefix_out, suffix_out = self._joint(prefix, self.embed_suffix(batch["state"], x_t, t))
+
+        action_mask = batch["action_mask"].astype(jnp.float32)
+        flow_sum = jnp.sum(jnp.square(self._velocity(suffix_out) - (eps - actions)) * action_mask, axis=(1, 2))
+        flow_count = jnp.sum(action_mask, axis=(1, 2))
+        if cfg.text_loss_weight:
+            text_sum, text_count = self._text_nll(prefix_out, batch)
+        else:
+            text_sum = text_count = jnp.zeros((b,), jnp.float32)
+        flow_loss = jnp.sum(flow_sum) / jnp.maximum(jnp.sum(flow_count), 1.0)
+        text_loss = jnp.sum(text_sum) / jnp.maximum(jnp.sum(text_count), 1.0)
+        loss = cfg.flow_loss_weight * flow_loss + cfg.text_loss_weight * text_loss
+
+        source = batch.get("source", jnp.zeros((b,), jnp.int32))
+        per_source = lambda v: jax.ops.segment_sum(v, source, num_segments=num_sources)
+        metrics = dict(loss=loss, flow_loss=flow_loss, text_loss=text_loss)
+        for name, total, count in (("flow", flow_sum, flow_count), ("text", text_sum, text_count)):
+            n = per_source(count)
+            metrics[f"{name}_loss_per_source"] = per_source(total) / jnp.maximum(n, 1.0)
+            metrics[f"{name}_count_per_source"] = n
+        return loss, metrics
+
+    def _text_nll(self, prefix_out: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Next-token cross-entropy on target tokens: per-example (sum, count), fp32."""
+        tokens, n_text = batch["tokens"], batch["tokens"].shape[1]
+        hidden = prefix_out[:, -n_text:-1]
+        logits = self.decoder.logits(hidden)
+        weight = (batch["target_mask"] & batch["token_mask"])[:, 1:].astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        return jnp.sum(nll * weight, axis=1), jnp.sum(weight, axis=1)
+
+    # ------------------------------------------------------------------ inference
+
+    def encode_prefix(self, prefix: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Runs the prefix once through the VLM: (outputs [B, Sp, W0], KV cache [L, B, Sp, K, D])."""
+        mask = L.block_causal_mask(prefix["valid"], prefix["ar"])
+        (out, _), kv = self.decoder([prefix["x"], None], L.positions_from_valid(prefix["valid"]), mask)
+        return out, kv
+
+    def sample_actions(self, batch: Batch, noise: jax.Array | None = None, rng: jax.Array | None = None,
+                       num_steps: int = 10, use_cache: bool = True) -> jax.Array:
+        """Action chunk [B, H, A] (normalized space) by `num_steps` Euler steps from t=1 to t=0.
+
+        The prefix (images, prompt, any known text targets such as a decoded subtask) is encoded once
+        into a KV cache and each flow step runs only the action expert. use_cache=False runs the
+        full joint forward at every step instead (the reference the cache is tested against).
+        """
+        cfg = self.cfg
+        b = batch["tokens"].shape[0]
+        if noise is None:
+            if rng is None:
+                raise ValueError("sample_actions needs noise or an rng")
+            noise = jax.random.normal(rng, (b, cfg.action_horizon, cfg.action_dim), jnp.float32)
+        prefix = self.embed_prefix(batch)
+        state, dt = batch["state"], -1.0 / num_steps
+
+        if use_cache:
+            _, kv = self.encode_prefix(prefix)
+            visible = prefix["valid"] & ~prefix["hidden"]
+            offset = jnp.sum(prefix["valid"], axis=1)
+
+            def velocity(x, t):
+                suffix = self.embed_suffix(state, x, jnp.full((b,), t))
+                rows = suffix["valid"][:, :, None]
+                mask = jnp.concatenate([rows & visible[:, None, :],
+                                        L.block_causal_mask(suffix["valid"], suffix["ar"])], axis=2)
+                positions = L.positions_from_valid(suffix["valid"], offset)
+                (_, out), _ = self.decoder([None, suffix["x"]], positions, mask,
+                                           adarms_cond=[None, suffix["cond"]], kv_cache=kv)
+                return self._velocity(out)
+        else:
+            def velocity(x, t):
+                return self._velocity(self._joint(prefix, self.embed_suffix(state, x, jnp.full((b,), t)))[1])
+
+        def step(i, x):
+            return x + dt * velocity(x, 1.0 + i * dt)
+
+        return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+    def generate_text(self, batch: Batch, max_new_tokens: int, eos_id: int, rng: jax.Array | None = None,
+                      temperature: float = 0.0) -> tuple[jax.Array, jax.Array]:
+        """KV-cached decoding after the prompt (the non-target valid tokens of batch["tokens"]).
+
+        Greedy when temperature == 0, else sampling at that temperature; a sequence stops at EOS.
+        Returns tokens int32 [B, max_new_tokens] and their mask (true up to and including EOS).
+        """
+        prompt_valid = batch["token_mask"] & ~batch.get("target_mask", jnp.zeros_like(batch["token_mask"]))
+        prefix = self.embed_prefix({**batch, "token_mask": prompt_valid, "target_mask": jnp.zeros_like(prompt_valid)})
+        out, (k_prefix, v_prefix) = self.encode_prefix(prefix)
+        b, n_prefix = prompt_valid.shape[0], prefix["x"].shape[1]
+        last = jnp.max(jnp.where(prefix["valid"], jnp.arange(n_prefix), -1), axis=1)
+        first_logits = self.decoder.logits(out[jnp.arange(b), last][:, None])[:, 0]
+        n_valid = jnp.sum(prefix["valid"], axis=1)
+        rng = jax.random.key(0) if rng is None else rng
+
+        def pick(logits, key):
+            if temperature == 0.0:
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+        gen_shape = (k_prefix.shape[0], b, max_new_tokens, *k_prefix.shape[3:])
+        rng, key = jax.random.split(rng)
+        init = dict(i=jnp.int32(0), token=pick(first_logits, key), done=jnp.zeros((b,), bool),
+                    out=jnp.zeros((b, max_new_tokens), jnp.int32), out_mask=jnp.zeros((b, max_new_tokens), bool),
+                    k=jnp.zeros(gen_shape, k_prefix.dtype), v=jnp.zeros(gen_shape, v_prefix.dtype), rng=rng)
+
+        def cond(s):
+            return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+
+        def body(s):
+            i, token = s["i"], s["token"]
+            keep = ~s["done"]
+            out = s["out"].at[:, i].set(jnp.where(keep, token, 0))
+            out_mask = s["out_mask"].at[:, i].set(keep)
+            done = s["done"] | (token == eos_id)
+            cols = jnp.concatenate([prefix["valid"], jnp.broadcast_to(jnp.arange(max_new_tokens) < i,
+                                                                      (b, max_new_tokens)),
+                                    jnp.ones((b, 1), bool)], axis=1)
+            cache = (jnp.concatenate([k_prefix, s["k"]], axis=2), jnp.concatenate([v_prefix, s["v"]], axis=2))
+            (h, _), (k_new, v_new) = self.decoder([self.decoder.embed(token[:, None]), None],
+                                                  (n_valid + i)[:, None], cols[:, None, :], kv_cache=cache)
+            rng, key = jax.random.split(s["rng"])
+            return dict(i=i + 1, token=pick(self.decoder.logits(h)[:, 0], key), done=done, out=out,
+                        out_mask=out_mask, k=jax.lax.dynamic_update_slice_in_dim(s["k"], k_new, i, axis=2),
+                        v=jax.lax.dynamic_update_slice_in_dim(s["v"], v_new, i, axis=2), rng=rng)
+
+        final = jax.lax.while_loop(cond, body, init)
+        return final["out"], final["out_mask"]
+
+
+def _pool_tokens(tokens: jax.Array, num_tokens: int) -> jax.Array:
+    """Average-pools a square patch grid to num_tokens (a square). [..., P, W] -> [..., num_tokens, W]."""
+    *lead, p, w = tokens.shape
+    grid, side = math.isqrt(p), math.isqrt(num_tokens)
+    x = tokens.reshape(*lead, side, grid // side, side, grid // side, w)
+    return x.mean(axis=(-4, -2)).reshape(*lead, num_tokens, w)

@@ -1,0 +1,97 @@
+"""Meshes from config, logical-axis rules, sharded initialization and activation constraints.
+
+Every parameter carries logical axis names (embed, mlp, heads, ...). A rules table maps each
+logical name to mesh axes (data, fsdp, tensor). The same table places activations at block
+boundaries through `constrain`, which does nothing when no mesh is active.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import math
+
+import jax
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """Builds a (data, fsdp, tensor) mesh; one size may be -1 (fills the remaining devices).
+
+    Axes are Auto so XLA propagates shardings from parameters and constraints.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec with the given (or active) rules."""
+    rules = core_spmd.get_logical_axis_rules() if rules is None else rules
+    return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), rules))
+
+
+def _fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh) -> PartitionSpec:
+    """Drops mesh axes that do not divide a dimension (e.g. batch 1 at inference on 8 devices)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fitted.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept, size = [], 1
+        for axis in axes:
+            if dim % (size * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                size *= mesh.shape[axis]
+        fitted.append(tuple(kept) if kept else None)
+    return PartitionSpec(*fitted)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names; a no-op without an active mesh or rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = core_spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = _fit_spec_to_shape(logical_to_spec(names, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def abstract_model(make_model: Callable[[], nnx.Module], mesh, rules: Rules):
+    """Shapes and shardings of a model without allocating it: (graphdef, abstract state, shardings)."""
+    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(rules), jax.set_mesh(mesh):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+        specs = nnx.get_partition_spec(abstract_state)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    return graphdef, abstract_state, shardings
+
+
+def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules) -> nnx.Module:
+    """Initializes parameters directly sharded: jit with output shardings, no full copy anywhere."""
+    graphdef, _, shardings = abstract_model(make_model, mesh, rules)
+
+    def init_state():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(make_model())[1]
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init_state, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
