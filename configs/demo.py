@@ -1,4 +1,4 @@
-"""Demo: a tiny π0-style VLA on a few easy Meta-World tasks, 64² images, trains on 2 CPU cores.
+"""Demo: a tiny π0-style VLA on three easy Meta-World tasks, 64² images, trains on 2 CPU cores.
 
 Command (the README's demo):
     python -m tools.generate --config configs/demo.py --out runs/demo/data
@@ -10,105 +10,9 @@ runs/demo/data; then a trained checkpoint, metrics (JSONL, TensorBoard) and a lo
 """
 import ml_collections
 
-TASKS = ("reach-v3", "button-press-topdown-v3", "drawer-open-v3")
+from configs.base import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.batch_size = 32
-    c.total_steps = 2000
-    c.log_every = 50
-    c.checkpoint_every = 500
-    c.eval_every = 500
-
-    # ---------------------------------------------------------------- knobs
-    # The three knobs that trade against each other at inference time.
-    c.knobs = ml_collections.ConfigDict()
-    # Model size: named variants (see vla/models/variants.py).
-    c.knobs.vit = "tiny/8"
-    c.knobs.vlm = "gemma_tiny"
-    c.knobs.action_expert = "gemma_tiny_expert"
-    # Context length: frames of history per camera (current frame last), their spacing in
-    # seconds, tokens each past frame is pooled to, and the text token budget.
-    c.knobs.context_frames = 1
-    c.knobs.context_stride_s = 0.25
-    c.knobs.past_frame_tokens = 4
-    c.knobs.max_text_tokens = 32
-    # Control frequency: robot control rate, chunk length in seconds (horizon = chunk_s * hz),
-    # actions executed per inference, Euler steps of the flow sampler.
-    c.knobs.control_hz = 20.0
-    c.knobs.chunk_s = 0.5
-    c.knobs.steps_executed = 5
-    c.knobs.flow_steps = 10
-
-    # ---------------------------------------------------------------- model
-    c.model = ml_collections.ConfigDict()
-    c.model.mode = "pi0"  # "pi0": continuous state token; "pi05": state bins in prompt + adaRMS
-    c.model.image_size = 64
-    c.model.cameras = ("corner2",)
-    c.model.state_dim = 8  # padded proprio dim (Meta-World has 4)
-    c.model.action_dim = 4  # padded action dim
-    c.model.vocab_size = 1024  # must match the tokenizer (data/tokenizer)
-    c.model.knowledge_insulation = False
-    c.model.flow_loss_weight = 1.0
-    c.model.text_loss_weight = 1.0
-    c.model.param_dtype = "float32"
-    c.model.compute_dtype = "float32"  # bf16 is not faster on CPU (FACTS.md)
-    c.model.remat_policy = "nothing_saveable"
-    c.model.scan_layers = True
-
-    # ---------------------------------------------------------------- data
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "runs/demo/data"  # tools.generate --out writes here
-    c.data.tasks = TASKS
-    c.data.episodes_per_task = 40
-    c.data.heldout_episodes_per_task = 4
-    c.data.render_cameras = ("corner2",)
-    c.data.tokenizer = "tokenizer.model"  # relative to data.root
-    c.data.normalization = "quantile"  # or "meanstd"
-    c.data.sources = ml_collections.ConfigDict()
-    c.data.sources.metaworld = dict(kind="robot", path="metaworld_rlds", spec="metaworld", weight=0.8)
-    c.data.sources.scenes_vl = dict(kind="vl", path="scenes_vl", weight=0.1)
-    c.data.sources.rollout_video = dict(kind="video", path="rollout_video", weight=0.1)
-    c.data.workers = 0
-    c.data.prefetch = 2
-
-    # ---------------------------------------------------------------- optimizer / mesh
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 100
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.clip_norm = 1.0
-    c.optimizer.ema_decay = 0.999
-    c.optimizer.grad_accum_steps = 1
-    c.optimizer.freeze = ()
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.sharding_rules = DEFAULT_RULES
-    return c
-
-
-# Logical axis -> mesh axes. Activations: batch over (data, fsdp); parameters: FSDP on embed,
-# tensor parallelism on heads/mlp/vocab.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", None),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("experts", None),
-    ("patch", None),
-    ("channels", None),
-    ("pos", None),
-    ("norm", None),
-)
+    return base_config()  # the base values are the demo's: tiny model, 64² images, CPU dtypes

@@ -1,0 +1,46 @@
+"""π0 (Black et al. 2024) at its published shapes: So400m/14 at 224², 3 cameras, gemma_2b VLM +
+gemma_300m action expert, continuous state token, action horizon 50, action dim 32, 10 flow steps.
+
+Commands:
+    python -m tools.tradeoffs --config configs/pi0.py --json   # 3,238,048,528 parameters
+    python -m vla.train --config configs/pi0.py --workdir DIR --config.data.root=DATA
+
+The knobs section below is the one to sweep: model size, context, control frequency.
+"""
+import ml_collections
+
+from configs.base import base_config
+
+PALIGEMMA_VOCAB = 257_152
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = base_config()
+    c.batch_size = 32
+    c.total_steps = 30_000
+    c.optimizer.lr = 2.5e-5
+    c.optimizer.warmup_steps = 1000
+
+    # ---------------------------------------------------------------- knobs
+    c.knobs.vit = "So400m/14"
+    c.knobs.vlm = "gemma_2b"
+    c.knobs.action_expert = "gemma_300m"
+    c.knobs.context_frames = 1
+    c.knobs.past_frame_tokens = 64
+    c.knobs.max_text_tokens = 48
+    c.knobs.control_hz = 50.0
+    c.knobs.chunk_s = 1.0  # 50 steps at 50 Hz
+    c.knobs.steps_executed = 25
+    c.knobs.flow_steps = 10
+
+    c.model.mode = "pi0"
+    c.model.image_size = 224
+    c.model.cameras = ("base", "left_wrist", "right_wrist")
+    c.model.state_dim = 32
+    c.model.action_dim = 32
+    c.model.vocab_size = PALIGEMMA_VOCAB
+    c.model.compute_dtype = "bfloat16"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c
