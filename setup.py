@@ -12,6 +12,7 @@ CORE = [
     "sentencepiece",
     "ml-collections",
     "numpy",
+    "scipy",
     "matplotlib",
     "tqdm",
     "msgpack",
@@ -31,7 +32,9 @@ setup(
     install_requires=CORE,
     extras_require={
         "sim": SIM,
-        "test": SIM + ["pytest", "pytest-xdist"],
+        # Hugging Face weights: safetensors reads them; transformers + torch check the import against HF.
+        "hf": ["safetensors", "transformers", "torch"],
+        "test": SIM + ["pytest", "pytest-xdist", "safetensors", "transformers", "torch"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

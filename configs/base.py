@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cameras = ("corner2",)
     c.model.state_dim = 8  # padded proprio dim (Meta-World has 4)
     c.model.action_dim = 4  # padded action dim
-    c.model.vocab_size = 1024  # must match the tokenizer (data/tokenizer)
+    # Embedding rows: at least the tokenizer's vocab_size (text pieces + 1280 loc/state tokens + FAST).
+    c.model.vocab_size = 2048
     c.model.knowledge_insulation = False
     # Text-target ids >= this are FAST action tokens, hidden from the action expert (π0.5 stage 1).
     c.model.fast_token_start = ml_collections.config_dict.placeholder(int)
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.heldout_episodes_per_task = 4
     c.data.render_cameras = ("corner2",)
     c.data.tokenizer = "tokenizer.model"  # relative to data.root
+    c.data.tokenizer_vocab_size = 512  # text pieces the generator's SentencePiece model learns
     c.data.normalization = "quantile"  # or "meanstd"
     c.data.sources = ml_collections.ConfigDict()
     c.data.sources.metaworld = dict(kind="robot", path="metaworld_rlds", spec="metaworld", weight=0.8)

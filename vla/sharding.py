@@ -80,7 +80,8 @@ def abstract_model(make_model: Callable[[], nnx.Module], mesh, rules: Rules):
     with nnx.use_eager_sharding(False), nnx.logical_axis_rules(rules), jax.set_mesh(mesh):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
         specs = nnx.get_partition_spec(abstract_state)
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    shardings = jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit_spec_to_shape(spec, leaf.shape, mesh)),
+                             specs, abstract_state)
     return graphdef, abstract_state, shardings
 
 

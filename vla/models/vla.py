@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vla.models import layers as L
@@ -350,6 +351,27 @@ class VLA(nnx.Module):
 
         final = jax.lax.while_loop(cond, body, init)
         return final["out"], final["out_mask"]
+
+
+def random_batch(cfg: VLAConfig, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """A batch of the batch contract's shapes with random contents (numpy), for benchmarks, cost
+    checks and tests: every image and action valid; text is a valid prompt, then targets, then padding."""
+    rng = np.random.default_rng(seed)
+    b, c, t, hw, n = batch_size, len(cfg.cameras), cfg.context_frames, cfg.image_size, cfg.max_text_tokens
+    lengths = rng.integers(n // 2, n + 1, size=(b, 1))
+    token_mask = np.arange(n)[None] < lengths
+    return dict(
+        images={cam: rng.integers(0, 256, (b, t, hw, hw, 3), dtype=np.uint8) for cam in cfg.cameras},
+        image_mask=np.ones((b, c), bool),
+        frame_mask=np.ones((b, c, t), bool),
+        tokens=rng.integers(0, cfg.vocab_size, (b, n), dtype=np.int32),
+        token_mask=token_mask,
+        target_mask=token_mask & (np.arange(n)[None] >= lengths // 2),
+        state=rng.standard_normal((b, cfg.state_dim), dtype=np.float32),
+        actions=rng.standard_normal((b, cfg.action_horizon, cfg.action_dim), dtype=np.float32),
+        action_mask=np.ones((b, cfg.action_horizon, cfg.action_dim), bool),
+        source=np.zeros((b,), np.int32),
+    )
 
 
 def _pool_tokens(tokens: jax.Array, num_tokens: int) -> jax.Array:

@@ -1,0 +1,446 @@
+"""Robot episodes as RLDS-layout TFDS datasets in ArrayRecord: a writer and a lazy reader.
+
+Layout written (one record per episode, the RLDS / Open X-Embodiment convention):
+
+    steps: Dataset of {observation: {<camera>: Image [H, W, 3], state: f32 [S]},
+                       action: f32 [A], language_instruction: str, reward: f32,
+                       discount: f32, is_first, is_last, is_terminal: bool}
+    episode_metadata: {task: str, success: bool, seed: int64}
+
+The dataset directory itself holds dataset_info.json, so `tfds.builder_from_directory(path)
+.as_data_source()` opens it without TensorFlow; metadata.json carries the native control rate
+and the episode lengths per split (read without touching a record).
+
+Writing needs TensorFlow (TFDS serializes with it), in a child process; reading never does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from queue import Full
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+from etils import epath
+
+VERSION = "1.0.0"
+
+
+class CorruptRecordError(RuntimeError):
+    """A record or image of a dataset could not be read. `step` is None when the whole
+    episode record is unreadable."""
+
+    def __init__(self, dataset: str, episode: int, step: int | None, cause: BaseException):
+        self.dataset, self.episode, self.step, self.cause = dataset, episode, step, cause
+        where = f"episode {episode}" + ("" if step is None else f", step {step}")
+        super().__init__(f"corrupt record in dataset {dataset!r}, {where}: "
+                         f"{type(cause).__name__}: {cause}")
+
+    def __reduce__(self):  # crosses process boundaries (Grain workers) intact
+        return CorruptRecordError, (self.dataset, self.episode, self.step, self.cause)
+
+
+# ---------------------------------------------------------------------------------- writing
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (TFDS Image features accept encoded bytes, so workers can
+    compress in parallel and the writing process only copies bytes)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class TfdsWriter:
+    """Writes TFDS datasets (ArrayRecord, records in the order given) from a spawned process.
+
+    TensorFlow lives only in that process: its bundled LLVM and Mesa's (MuJoCo's EGL renderer)
+    segfault when loaded into one process, and callers render. One writer serves several
+    datasets, so TensorFlow is imported once (it starts importing as soon as the writer is
+    created, while the caller is still producing examples)."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self._inbox, self._outbox = ctx.Queue(maxsize=16), ctx.Queue()
+        self._process = ctx.Process(target=_writer_process, args=(self._inbox, self._outbox),
+                                    daemon=True)
+        self._process.start()
+
+    def __enter__(self) -> TfdsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._put(("stop", None))
+            self._process.join()
+
+    def _put(self, message: tuple[str, Any]) -> None:
+        while True:
+            try:
+                return self._inbox.put(message, timeout=1.0)
+            except Full:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"TFDS writer process died (exit code "
+                                       f"{self._process.exitcode})") from None
+
+    def write(self, path: str, features: tfds.features.FeaturesDict,
+              splits: Mapping[str, Iterable[dict[str, Any]]], metadata: Mapping[str, Any],
+              description: str) -> None:
+        """A dataset whose files and dataset_info.json sit directly in `path` (its basename is
+        the dataset name). `splits`: split name -> examples, consumed lazily one split after
+        the other; `metadata` is read after the last example, so it may fill in meanwhile."""
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; refusing to overwrite a dataset")
+        self._put(("dataset", (path, features.to_json(), list(splits), description)))
+        for split, examples in splits.items():
+            count = 0
+            for example in examples:
+                self._put(("example", example))
+                count += 1
+            if not count:
+                self._process.kill()
+                raise ValueError(f"split {split!r} of {path} has no examples (TFDS stores none)")
+            self._put(("end", split))
+        self._put(("metadata", dict(metadata)))
+        status, detail = self._outbox.get()
+        if status != "done":
+            raise RuntimeError(f"TFDS writer failed on {path}:\n{detail}")
+
+
+def write_tfds(path: str, features: tfds.features.FeaturesDict,
+               splits: Mapping[str, Iterable[dict[str, Any]]], metadata: Mapping[str, Any],
+               description: str) -> None:
+    """One dataset with a writer of its own (see TfdsWriter.write)."""
+    with TfdsWriter() as writer:
+        writer.write(path, features, splits, metadata, description)
+
+
+def _writer_process(inbox: Any, outbox: Any) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stdout = open(os.devnull, "w")  # TFDS prints per dataset; failures travel via outbox
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    tfds.display_progress_bar(False)
+    while True:
+        kind, payload = inbox.get()
+        if kind == "stop":
+            return
+        try:
+            _write_one(*payload, inbox)
+            outbox.put(("done", None))
+        except Exception:  # reported to the caller, who raises
+            outbox.put(("error", traceback.format_exc()))
+            return
+
+
+def _write_one(path: str, features_json: dict, split_names: list[str], description: str,
+               inbox: Any) -> None:
+    features = tfds.features.FeatureConnector.from_json(features_json)
+    metadata = tfds.core.MetadataDict()
+
+    def examples(split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        for key in itertools.count():
+            kind, payload = inbox.get()
+            if kind == "end":
+                assert payload == split, (payload, split)
+                if split == split_names[-1]:
+                    metadata.update(inbox.get()[1])  # TFDS saves metadata after the splits
+                return
+            yield key, payload
+
+    class _Builder(tfds.dataset_builders.AdhocBuilder, skip_registration=True):
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(builder=self, description=description,
+                                         features=features, disable_shuffling=True,
+                                         metadata=metadata)
+
+    name = os.path.basename(path)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        builder = _Builder(name=name, version=VERSION, features=features, data_dir=tmp,
+                           split_datasets={s: examples(s) for s in split_names},
+                           file_format="array_record", disable_shuffling=True)
+        builder.download_and_prepare(file_format="array_record")
+        shutil.move(os.fspath(builder.data_dir), path)
+
+
+def robot_features(cameras: Sequence[str], image_size: int, state_dim: int,
+                   action_dim: int) -> tfds.features.FeaturesDict:
+    f = tfds.features
+    return f.FeaturesDict({
+        "steps": f.Dataset({
+            "observation": f.FeaturesDict({
+                **{cam: f.Image(shape=(image_size, image_size, 3), encoding_format="png")
+                   for cam in cameras},
+                "state": f.Tensor(shape=(state_dim,), dtype=np.float32),
+            }),
+            "action": f.Tensor(shape=(action_dim,), dtype=np.float32),
+            "language_instruction": f.Text(),
+            "reward": f.Scalar(dtype=np.float32),
+            "discount": f.Scalar(dtype=np.float32),
+            "is_first": f.Scalar(dtype=np.bool_),
+            "is_last": f.Scalar(dtype=np.bool_),
+            "is_terminal": f.Scalar(dtype=np.bool_),
+        }),
+        "episode_metadata": f.FeaturesDict({
+            "task": f.Text(),
+            "success": f.Scalar(dtype=np.bool_),
+            "seed": f.Scalar(dtype=np.int64),
+        }),
+    })
+
+
+def rlds_episode(images: Mapping[str, Sequence[bytes | np.ndarray]], state: np.ndarray,
+                 actions: np.ndarray, rewards: np.ndarray, instruction: str, task: str,
+                 success: bool, seed: int) -> dict[str, Any]:
+    """One episode in the RLDS layout. images: camera -> N frames (PNG bytes or uint8
+    [H, W, 3]); state f32 [N, S]; actions f32 [N, A] (action taken at step i); rewards [N].
+    The last step is terminal when the episode ended in success."""
+    n = len(state)
+    steps = [{
+        "observation": {**{cam: frames[i] for cam, frames in images.items()},
+                        "state": np.asarray(state[i], np.float32)},
+        "action": np.asarray(actions[i], np.float32),
+        "language_instruction": instruction,
+        "reward": np.float32(rewards[i]),
+        "discount": np.float32(1.0),
+        "is_first": i == 0,
+        "is_last": i == n - 1,
+        "is_terminal": bool(success) and i == n - 1,
+    } for i in range(n)]
+    return {"steps": steps,
+            "episode_metadata": {"task": task, "success": bool(success), "seed": int(seed)}}
+
+
+# ---------------------------------------------------------------------------------- reading
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one RLDS dataset into the canonical robot episode. Keys are '/'-separated
+    paths inside a step (e.g. "observation/image") or, for the instruction, optionally inside
+    the episode ("episode_metadata/instruction")."""
+    name: str
+    camera_keys: Mapping[str, str]  # dataset key -> our camera name
+    state_keys: tuple[str, ...]  # concatenated in this order -> state f32 [S_native]
+    action_key: str = "action"
+    instruction_key: str = "language_instruction"
+    control_hz: float | None = None  # None: read from the dataset's metadata.json
+    gripper_dims: tuple[int, ...] = ()  # action dims held (not interpolated) when resampling
+    state_dim: int | None = None  # native dims; checked against the features when given
+    action_dim: int | None = None
+
+
+SPECS: dict[str, DatasetSpec] = {}
+
+
+def register_spec(spec: DatasetSpec) -> DatasetSpec:
+    SPECS[spec.name] = spec
+    return spec
+
+
+def get_spec(spec: str | DatasetSpec | Mapping[str, Any]) -> DatasetSpec:
+    """A registered name, a DatasetSpec, or a dict of DatasetSpec fields (from a config)."""
+    if isinstance(spec, DatasetSpec):
+        return spec
+    if isinstance(spec, str):
+        if spec not in SPECS:
+            raise KeyError(f"no dataset spec named {spec!r}; registered: {sorted(SPECS)}")
+        return SPECS[spec]
+    fields = dict(spec)
+    fields["camera_keys"] = dict(fields["camera_keys"])
+    for key in ("state_keys", "gripper_dims"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    return DatasetSpec(**fields)
+
+
+register_spec(DatasetSpec(
+    name="metaworld",
+    camera_keys={"observation/corner2": "corner2", "observation/corner3": "corner3",
+                 "observation/corner4": "corner4", "observation/topview": "topview",
+                 "observation/gripperPOV": "gripperPOV", "observation/behindGripper":
+                 "behindGripper", "observation/corner": "corner"},
+    state_keys=("observation/state",),
+    gripper_dims=(3,),
+    state_dim=4,
+    action_dim=4,
+))
+
+
+def _flat_features(feature: tfds.features.FeatureConnector, prefix: str = "") -> dict[str, Any]:
+    if isinstance(feature, tfds.features.FeaturesDict):
+        out = {}
+        for key, sub in feature.items():
+            out.update(_flat_features(sub, f"{prefix}{key}/"))
+        return out
+    return {prefix.rstrip("/"): feature}
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def open_builder(path: str) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a dataset directory, with a clear error for a wrong path."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset path {path!r} does not exist")
+    if not (p / "dataset_info.json").exists():
+        versions = sorted(d for d in p.iterdir() if (d / "dataset_info.json").exists()) \
+            if p.is_dir() else []
+        if not versions:
+            raise ValueError(f"{path!r} is not a TFDS dataset directory (no dataset_info.json "
+                             f"in it or in a version folder below it)")
+        p = versions[-1]
+    return tfds.builder_from_directory(os.fspath(p))
+
+
+class RobotDataset:
+    """Lazy random access to the episodes of one split of an RLDS dataset, in the canonical
+    robot episode format (docs/data_contract.md). Picklable: the data source opens lazily."""
+
+    def __init__(self, path: str, spec: str | DatasetSpec | Mapping[str, Any] = "metaworld",
+                 split: str = "train"):
+        self.path, self.spec, self.split = path, get_spec(spec), split
+        builder = open_builder(path)
+        self.name = builder.info.name
+        if split not in builder.info.splits:
+            raise ValueError(f"{path!r} has no split {split!r}; "
+                             f"splits: {list(builder.info.splits)}")
+        self._check_spec(builder)
+        metadata = builder.info.metadata or {}
+        self.control_hz = float(self.spec.control_hz or metadata.get("control_hz") or 0)
+        if not self.control_hz:
+            raise ValueError(f"spec {self.spec.name!r} sets no control_hz and {path!r} has no "
+                             f"control_hz in its metadata")
+        self.num_episodes = builder.info.splits[split].num_examples
+        lengths = metadata.get("episode_lengths", {}).get(split)
+        self._lengths = None if lengths is None else np.asarray(lengths, np.int64)
+        self._builder_dir = os.fspath(builder.data_dir)
+        self._source = None
+
+    def _check_spec(self, builder: tfds.core.DatasetBuilder) -> None:
+        features = builder.info.features
+        if "steps" not in features or not isinstance(features["steps"], tfds.features.Dataset):
+            raise ValueError(f"{self.path!r} is not an RLDS dataset: no 'steps' Dataset feature "
+                             f"(features: {list(features)})")
+        step_keys = _flat_features(features["steps"].feature)
+        episode_keys = _flat_features(features)
+        s = self.spec
+        wanted = [*s.state_keys, s.action_key]
+        present_cams = [k for k in s.camera_keys if k in step_keys]
+        if not present_cams:
+            raise ValueError(f"spec {s.name!r}: none of its camera keys {list(s.camera_keys)} is "
+                             f"a step feature of {self.path!r}; step features: {sorted(step_keys)}")
+        missing = [k for k in wanted if k not in step_keys]
+        if s.instruction_key not in step_keys and s.instruction_key not in episode_keys:
+            missing.append(s.instruction_key)
+        if missing:
+            raise ValueError(f"spec {s.name!r}: keys {missing} are not features of "
+                             f"{self.path!r}; step features: {sorted(step_keys)}")
+        self.cameras = {k: s.camera_keys[k] for k in present_cams}  # dataset key -> our name
+        state_dim = sum(int(np.prod(step_keys[k].shape)) for k in s.state_keys)
+        action_dim = int(np.prod(step_keys[s.action_key].shape))
+        for what, want, got in (("state", s.state_dim, state_dim),
+                                ("action", s.action_dim, action_dim)):
+            if want is not None and want != got:
+                raise ValueError(f"spec {s.name!r} says {what} has {want} dims, {self.path!r} "
+                                 f"has {got}")
+        self.state_dim, self.action_dim = state_dim, action_dim
+        self._instruction_in_steps = s.instruction_key in step_keys
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    @property
+    def source(self):
+        if self._source is None:
+            self._source = tfds.builder_from_directory(self._builder_dir).as_data_source(
+                split=self.split)
+        return self._source
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        """int64 [E]: from metadata.json when written by us, else one pass over the records
+        (parsing only; no image is decoded)."""
+        if self._lengths is None:
+            self._lengths = np.array([len(self._record(i)["steps"]) for i in range(len(self))])
+        return self._lengths
+
+    def _record(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_episodes:
+            raise IndexError(f"episode {index} out of range [0, {self.num_episodes})")
+        try:
+            return self.source[index]
+        except Exception as e:  # riegeli/proto errors surface as assorted types
+            raise CorruptRecordError(self.name, index, None, e) from e
+
+    def episode(self, index: int) -> RobotEpisode:
+        return RobotEpisode(self, index, self._record(index))
+
+
+class RobotEpisode:
+    """One episode: metadata eagerly, steps decoded only when asked for."""
+
+    def __init__(self, dataset: RobotDataset, index: int, record: dict[str, Any]):
+        self._ds, self._steps = dataset, record["steps"]
+        self._record = record
+        self.dataset = dataset.name
+        self.episode_index = index
+        self.length = len(self._steps)
+        self.control_hz = dataset.control_hz
+        self.gripper_dims = dataset.spec.gripper_dims
+        self._instruction: str | None = None
+
+    @property
+    def instruction(self) -> str:
+        if self._instruction is None:
+            key = self._ds.spec.instruction_key
+            value = _get(self._step(0), key) if self._ds._instruction_in_steps \
+                else _get(self._record, key)
+            self._instruction = value.decode() if isinstance(value, bytes) else str(value)
+        return self._instruction
+
+    def _step(self, i: int) -> dict[str, Any]:
+        try:
+            return self._steps[i]
+        except Exception as e:  # an undecodable image or truncated step
+            raise CorruptRecordError(self.dataset, self.episode_index, i, e) from e
+
+    def steps(self, indices: Sequence[int]) -> dict[str, Any]:
+        """images {camera: uint8 [n, h, w, 3]}, state f32 [n, S_native], actions f32
+        [n, A_native] for the given step indices (any order, repeats allowed)."""
+        spec = self._ds.spec
+        for i in indices:
+            if not 0 <= i < self.length:
+                raise IndexError(f"step {i} out of range [0, {self.length}) in episode "
+                                 f"{self.episode_index} of {self.dataset!r}")
+        decoded = {i: self._step(int(i)) for i in dict.fromkeys(indices)}
+        rows = [decoded[i] for i in indices]
+        images = {}
+        for key, cam in self._ds.cameras.items():
+            frames = [_get(r, key) for r in rows]
+            for i, f in zip(indices, frames, strict=True):
+                if f is None or f.ndim != 3:
+                    raise CorruptRecordError(self.dataset, self.episode_index, int(i),
+                                             ValueError(f"undecodable image {key!r}"))
+            images[cam] = np.stack(frames).astype(np.uint8)
+        state = np.stack([np.concatenate([np.ravel(_get(r, k)) for k in spec.state_keys])
+                          for r in rows]).astype(np.float32)
+        actions = np.stack([np.ravel(_get(r, spec.action_key)) for r in rows]).astype(np.float32)
+        return {"images": images, "state": state, "actions": actions}

@@ -1,0 +1,315 @@
+"""Mixture components: random-access sources that emit single examples of the batch contract.
+
+Every source maps an index in [0, len) to one example with the per-example shapes of
+docs/data_contract.md (the batch dimension is added by data/pipeline.py):
+
+    images       {cam: uint8 [T, H, W, 3]}  every cam of config.model.cameras, H = W = image_size
+    image_mask   bool [n_cams]
+    frame_mask   bool [n_cams, T]            false before the episode start / for missing frames
+    tokens, token_mask, target_mask  [L]     L = knobs.max_text_tokens
+    state        f32 [S]                     normalized, padded to model.state_dim
+    actions      f32 [H, A]                  normalized chunk at knobs.control_hz, padded
+    action_mask  bool [H, A]
+
+Kinds (config.data.sources[name].kind):
+    robot   windows over RLDS episodes (data/rlds.py): one example per (episode, native step),
+            prompt = instruction (π0) or instruction + state bins (π0.5), no text target
+    vl      vision-language examples (written by data/scenes.py): prompt -> target text
+    video   video clips (written by data/video.py): t frames, prompt -> target text
+            (both read with data/tfds_image_text.ImageTextSource)
+    tfds    any TFDS image-text dataset: path = its directory, or its registered name with
+            data_dir; fields = dict of data/tfds_image_text.FieldMap (image_key, prompt
+            template, target_key)
+Text examples keep frames of a camera the model has under that camera, else put their (first)
+view in the first camera; other cameras, state and actions are zero and masked.
+
+Sources hold only picklable recipes (paths, config values) and open their readers lazily in the
+process that reads, so Grain can ship them to worker processes.
+"""
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from data import normalize, prompt, stats, windows
+from data.tokenizer import Tokenizer
+
+KINDS = ("robot", "vl", "video", "tfds")
+
+
+# ------------------------------------------------------------------ example layout
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Per-example shapes of the batch contract, from a config."""
+
+    cameras: tuple[str, ...]
+    frames: int  # T
+    image_size: int
+    max_len: int  # L
+    state_dim: int  # S
+    action_dim: int  # A
+    horizon: int  # H
+    pi05: bool  # state bins in the prompt
+
+    @classmethod
+    def from_config(cls, config) -> "Layout":
+        spec = windows.WindowSpec.from_config(config)
+        m = config.model
+        return cls(cameras=spec.cameras, frames=spec.frames, image_size=int(m.image_size),
+                   max_len=int(config.knobs.max_text_tokens), state_dim=int(m.state_dim),
+                   action_dim=int(m.action_dim), horizon=spec.horizon,
+                   pi05=m.mode == "pi05")
+
+    def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{key: (shape, dtype)} of one example; images flattened to "images/<cam>"."""
+        n, t, s = len(self.cameras), self.frames, self.image_size
+        out = {f"images/{c}": ((t, s, s, 3), np.dtype(np.uint8)) for c in self.cameras}
+        out.update({
+            "image_mask": ((n,), np.dtype(bool)), "frame_mask": ((n, t), np.dtype(bool)),
+            "tokens": ((self.max_len,), np.dtype(np.int32)),
+            "token_mask": ((self.max_len,), np.dtype(bool)),
+            "target_mask": ((self.max_len,), np.dtype(bool)),
+            "state": ((self.state_dim,), np.dtype(np.float32)),
+            "actions": ((self.horizon, self.action_dim), np.dtype(np.float32)),
+            "action_mask": ((self.horizon, self.action_dim), np.dtype(bool)),
+        })
+        return out
+
+    def empty(self) -> dict:
+        """An example with every part zero and masked."""
+        ex = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.spec().items()}
+        ex["images"] = {c: ex.pop(f"images/{c}") for c in self.cameras}
+        return ex
+
+    def camera_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [t, h, w, 3] (any t >= 1, any h, w) -> uint8 [T, S, S, 3]: the last T frames,
+        resized with aspect-preserving zero padding (as openpi's resize_with_pad)."""
+        frames = frames[-self.frames:]
+        out = np.zeros((self.frames, self.image_size, self.image_size, 3), np.uint8)
+        out[self.frames - len(frames):] = [resize_with_pad(f, self.image_size) for f in frames]
+        return out
+
+
+def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [size, size, 3], bilinear, centred, zero padding."""
+    h, w = image.shape[:2]
+    if h == w == size:
+        return image
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out
+
+
+# ------------------------------------------------------------------ sources
+class _Lazy:
+    """Holds an opener; opens once per process and is pickled without the opened object."""
+
+    def __init__(self, opener: Callable[[], Any]):
+        self._opener = opener
+        self._opened = None
+
+    def get(self):
+        if self._opened is None:
+            self._opened = self._opener()
+        return self._opened
+
+    def __getstate__(self):
+        return {"_opener": self._opener, "_opened": None}
+
+
+# Episodes' state/actions are kept in memory per process when the whole dataset's fit in this
+# budget: a window then decodes only its context frames instead of every chunk step's images.
+LOWDIM_CACHE_BYTES = 256 << 20
+
+
+class RobotSource:
+    """Windows over a robot dataset: a flat index over (episode, native step) pairs.
+
+    Per process, each episode's state, actions and instruction are read once (decoding the
+    episode) and kept, if the dataset's low-dim data fits LOWDIM_CACHE_BYTES; an episode whose
+    full read fails (a corrupt step) is read per window instead, so only the windows that touch
+    the bad step fail.
+    """
+
+    def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
+                 window: windows.WindowSpec, hold_dims: Sequence[int], stats: dict,
+                 normalization: str, tokenizer: Tokenizer):
+        self.name = name
+        self._dataset = _Lazy(open_dataset)
+        ds = self._dataset.get()
+        lengths = np.asarray(ds.episode_lengths, np.int64)
+        if lengths.sum() == 0:
+            raise ValueError(f"source {name!r}: dataset has no steps")
+        window.check(ds.control_hz)  # e.g. a context stride finer than the native period
+        self.stats = stats
+        self.normalizers = normalize.normalizers(stats, normalization)
+        dims = {k: n.dim for k, n in self.normalizers.items()}
+        native = {"state": ds.state_dim, "actions": ds.action_dim}
+        if native != dims:
+            raise ValueError(f"source {name!r}: statistics have dims {dims}, data has {native}; "
+                             f"recompute them with tools.stats")
+        if ds.state_dim > layout.state_dim or ds.action_dim > layout.action_dim:
+            raise ValueError(f"source {name!r}: data dims {native} exceed model.state_dim="
+                             f"{layout.state_dim} / model.action_dim={layout.action_dim}")
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self._layout, self._window, self._hold = layout, window, tuple(hold_dims)
+        self._tokenizer = tokenizer
+        self._cache_on = lengths.sum() * (ds.state_dim + ds.action_dim) * 4 <= LOWDIM_CACHE_BYTES
+        self._cache: dict[int, tuple[dict, str] | None] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}  # each process fills its own
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Flat index -> (episode, step)."""
+        e = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return e, int(i - self._starts[e])
+
+    def _episode(self, e: int):
+        """(episode, its cached {"state", "actions"} or None, instruction)."""
+        ep = self._dataset.get().episode(e)
+        if not self._cache_on:
+            return ep, None, ep.instruction
+        if e not in self._cache:
+            try:
+                arrays = ep.steps(range(ep.length))
+                lowdim = {k: np.asarray(arrays[k], np.float32) for k in ("state", "actions")}
+                self._cache[e] = (lowdim, ep.instruction)
+            except Exception:  # noqa: BLE001 - whatever it is, the per-window read reports it
+                self._cache[e] = None
+        hit = self._cache[e]
+        return (ep, None, ep.instruction) if hit is None else (ep, *hit)
+
+    def __getitem__(self, i: int) -> dict:
+        e, step = self.locate(i)
+        ep, lowdim, instruction = self._episode(e)
+        w = windows.make_window(ep, step, self._window, self._hold, lowdim)
+        lay = self._layout
+        ex = lay.empty()
+        for c, cam in enumerate(lay.cameras):
+            if cam in w["images"]:
+                ex["images"][cam] = lay.camera_frames(w["images"][cam])
+                ex["image_mask"][c] = True
+                ex["frame_mask"][c] = w["frame_mask"]
+        state = self.normalizers["state"].normalize(w["state"])
+        actions = self.normalizers["actions"].normalize(w["actions"])
+        ex["state"] = windows.pad_state(state, lay.state_dim)
+        # Masked steps are zero after normalization too ("missing parts are zero").
+        ex["actions"], ex["action_mask"] = windows.pad_actions(actions, w["action_valid"],
+                                                               lay.action_dim)
+        bins = prompt.discretize_state(state) if lay.pi05 else None
+        ex.update(_tokens(self._tokenizer, instruction, None, lay.max_len, bins))
+        return ex
+
+
+class TextSource:
+    """Canonical text examples ({images: {cam: [t, h, w, 3]}, prompt, target}) -> examples."""
+
+    def __init__(self, name: str, open_examples: Callable[[], Sequence[dict]], layout: Layout,
+                 tokenizer: Tokenizer):
+        self.name = name
+        self._examples = _Lazy(open_examples)
+        self._len = len(self._examples.get())
+        if self._len == 0:
+            raise ValueError(f"source {name!r}: dataset has no examples")
+        self._layout, self._tokenizer = layout, tokenizer
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        item = self._examples.get()[i]
+        lay = self._layout
+        ex = lay.empty()
+        images = dict(item.get("images", {}))
+        # Frames of a model camera stay in that camera; otherwise the first view goes first.
+        placed = {c: images[c] for c in lay.cameras if c in images}
+        if images and not placed:
+            placed = {lay.cameras[0]: next(iter(images.values()))}
+        for c, cam in enumerate(lay.cameras):
+            if cam in placed:
+                frames = np.asarray(placed[cam])
+                ex["images"][cam] = lay.camera_frames(frames)
+                ex["image_mask"][c] = True
+                ex["frame_mask"][c, lay.frames - min(len(frames), lay.frames):] = True
+        ex.update(_tokens(self._tokenizer, item["prompt"], item["target"], lay.max_len))
+        return ex
+
+
+def _tokens(tokenizer, text, target, max_len, state_bins=None) -> dict:
+    out = prompt.build_tokens(tokenizer, text, target, max_len, state_bins=state_bins)
+    return {k: out[k] for k in ("tokens", "token_mask", "target_mask")}
+
+
+# ------------------------------------------------------------------ construction from a config
+def dataset_dir(root: str, src: dict) -> str:
+    """A source's dataset directory: src["path"], relative to data.root unless absolute."""
+    return os.path.join(root, src["path"])
+
+
+def robot_opener(root: str, src: dict, split: str = "train") -> Callable[[], Any]:
+    """Picklable zero-argument callable opening a robot source's dataset (data/rlds.py)."""
+    from data import rlds
+
+    return functools.partial(rlds.RobotDataset, dataset_dir(root, src), _robot_spec(src),
+                             split=split)
+
+
+def _robot_spec(src: dict):
+    from data import rlds
+
+    if "spec" not in src:
+        raise ValueError(f"robot source at {src['path']!r} has no spec (a DatasetSpec name "
+                         f"from data/rlds.py or a dict of its fields)")
+    return rlds.get_spec(src["spec"])
+
+
+def _text_opener(kind: str, root: str, src: dict, split: str) -> Callable[[], Sequence[dict]]:
+    """vl / video: our canonical text datasets; tfds: a foreign image-text dataset, a directory
+    or (with data_dir) a registered name, read through src["fields"] (data/tfds_image_text.py)."""
+    from data import tfds_image_text as tit
+
+    if kind in ("vl", "video"):
+        return functools.partial(tit.ImageTextSource, dataset_dir(root, src), split=split)
+    fields = tit.FieldMap(**dict(src.get("fields", {})))
+    where = src["path"] if src.get("data_dir") else dataset_dir(root, src)
+    return functools.partial(tit.ImageTextSource, where, split=split, data_dir=src.get("data_dir"),
+                             fields=fields)
+
+
+def has_split(root: str, src: dict, split: str) -> bool:
+    """Whether a source's dataset has `split` (our text datasets have only "train")."""
+    from data import rlds
+
+    if src.get("data_dir"):  # a registered TFDS dataset: TFDS itself checks when opening
+        return True
+    return split in rlds.open_builder(dataset_dir(root, src)).info.splits
+
+
+def make_source(name: str, src: dict, config, root: str, split: str, tokenizer: Tokenizer):
+    """Build one source; raises (before any batch) on an unknown kind, a missing path or spec,
+    missing statistics or dims/strides the config cannot serve."""
+    kind = src.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"source {name!r}: unknown kind {kind!r}; expected one of {KINDS}")
+    path = src["data_dir"] if src.get("data_dir") else dataset_dir(root, src)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"source {name!r}: dataset path {path} does not exist")
+    layout = Layout.from_config(config)
+    if kind != "robot":
+        return TextSource(name, _text_opener(kind, root, src, split), layout, tokenizer)
+    opener = robot_opener(root, src, split)
+    opener()  # a wrong path, spec or split is reported before missing statistics
+    return RobotSource(name, opener, layout,
+                       windows.WindowSpec.from_config(config), _robot_spec(src).gripper_dims,
+                       stats.load_stats(path), config.data.normalization, tokenizer)

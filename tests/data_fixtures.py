@@ -1,0 +1,52 @@
+"""Session-scoped fixtures with small generated data (owned by the data pipeline).
+
+`generated_root` is one real tools.generate run on a tiny config (2 tasks x 2 episodes + 1
+heldout each, 32² images, 2 processes); `metaworld_rlds_dir` is its RLDS dataset.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+from ml_collections import ConfigDict
+
+TINY_TASKS = ("reach-v3", "button-press-topdown-v3")
+TINY_IMAGE_SIZE = 32
+TINY_CLIP_FRAMES = 3
+
+
+def tiny_config(tasks: tuple[str, ...] = TINY_TASKS, episodes: int = 2,
+                heldout: int = 1) -> ConfigDict:
+    from configs.demo import get_config
+    config = get_config()
+    config.data.tasks = tasks
+    config.data.episodes_per_task = episodes
+    config.data.heldout_episodes_per_task = heldout
+    config.model.image_size = TINY_IMAGE_SIZE
+    return config
+
+
+def tiny_settings():
+    from data.generation import Settings
+    return Settings(cameras=("corner2",), image_size=TINY_IMAGE_SIZE, clip_frames=TINY_CLIP_FRAMES,
+                    clip_stride=4, video_steps=40)
+
+
+@pytest.fixture(scope="session")
+def generated_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from data.generation import generate, postprocess
+    config = tiny_config()
+    out = str(tmp_path_factory.mktemp("generated"))
+    summary = generate(config, out, processes=2, settings=tiny_settings(),
+                       video_rollouts_per_task=3)
+    # The tokenizer and stats modules are written in parallel with this one: ship what exists.
+    postprocess(out, config, summary["texts"],
+                tokenizer=importlib.util.find_spec("data.tokenizer") is not None,
+                stats=importlib.util.find_spec("data.stats") is not None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def metaworld_rlds_dir(generated_root: str) -> str:
+    return os.path.join(generated_root, "metaworld_rlds")

@@ -1,0 +1,275 @@
+"""The mixture pipeline: contract shapes, determinism, exact restore, weights, bad data, errors."""
+import functools
+import os
+
+import grain
+import numpy as np
+import pytest
+from etils import epath
+
+from configs import demo
+from data import pipeline, rlds, sources, stats, windows
+from data.tokenizer import Tokenizer, train_sentencepiece
+
+TEXTS = ["pick up the block", "open the drawer", "press the button", "what is on the table?",
+         "a red block", "the robot arm"]
+
+
+def _config(**data):
+    c = demo.get_config()
+    c.batch_size = 8
+    c.knobs.context_frames = 2
+    c.knobs.context_stride_s = 0.05  # 4 native steps at 80 Hz
+    c.model.image_size = 16
+    c.model.cameras = ("corner2", "wrist")
+    c.model.state_dim = 6
+    c.model.action_dim = 5
+    c.data.update(data)
+    return c
+
+
+def _robot_data(seed: int, bad: tuple[int, int] | None = None) -> windows.ArrayDataset:
+    """Four 80 Hz episodes, one camera at 12x12 (resized to 16), 4-d state and actions.
+    bad=(episode, step): that step's record is corrupt."""
+    rng = np.random.default_rng(seed)
+    eps = []
+    for e, n in enumerate((20, 9, 30, 15)):
+        frames = rng.integers(0, 255, (n, 12, 12, 3), np.uint8)
+        ep = windows.ArrayEpisode({"corner2": frames}, rng.normal(size=(n, 4)).astype(np.float32),
+                                  rng.normal(size=(n, 4)).astype(np.float32), 80.0, TEXTS[e])
+        eps.append(_Corrupt(ep, "memory_robot", e, bad[1]) if bad and bad[0] == e else ep)
+    return windows.ArrayDataset(eps)
+
+
+class _Corrupt:
+    """An episode whose record at one step cannot be decoded (what rlds.RobotEpisode raises)."""
+
+    def __init__(self, ep, dataset, index, bad_step):
+        self._ep, self._where = ep, (dataset, index, bad_step)
+        self.length, self.control_hz, self.instruction = ep.length, ep.control_hz, ep.instruction
+
+    def steps(self, indices):
+        if self._where[2] in list(indices):
+            raise rlds.CorruptRecordError(*self._where, ValueError("truncated PNG"))
+        return self._ep.steps(indices)
+
+
+def _text_data(n: int, size: int = 20) -> list[dict]:
+    rng = np.random.default_rng(n)
+    return [dict(images={"cam": rng.integers(0, 255, (1, size, size + 4, 3), np.uint8)},
+                 prompt=TEXTS[i % 6], target=TEXTS[(i + 1) % 6]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return Tokenizer(train_sentencepiece(TEXTS * 20, path, 300))
+
+
+def _sources(config, tokenizer, bad=None):
+    layout = sources.Layout.from_config(config)
+    opener = functools.partial(_robot_data, 0, bad)
+    robot_stats = stats.dataset_stats(functools.partial(_robot_data, 0), progress=False)
+    return {
+        "robot": sources.RobotSource("robot", opener, layout,
+                                     windows.WindowSpec.from_config(config), (3,), robot_stats,
+                                     config.data.normalization, tokenizer),
+        "vl": sources.TextSource("vl", functools.partial(_text_data, 40), layout, tokenizer),
+    }
+
+
+def _pipeline(config, tokenizer, weights=None, bad=None, **kw):
+    srcs = _sources(config, tokenizer, bad)
+    kw = dict(seed=config.seed, batch_size=config.batch_size, workers=config.data.workers,
+              strict=config.data.get("strict", False), errors=pipeline.bad_record_errors(), **kw)
+    return pipeline.mix(srcs, weights or {"robot": 0.7, "vl": 0.3},
+                        sources.Layout.from_config(config), **kw)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if k == "images":
+                for cam in x[k]:
+                    np.testing.assert_array_equal(x[k][cam], y[k][cam])
+            else:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_obey_contract(tokenizer):
+    config = _config()
+    it = _pipeline(config, tokenizer)
+    spec = it.element_spec()
+    for batch in _take(it, 3):
+        assert set(batch) == {k for k in spec if "/" not in k} | {"images"}
+        for key, (shape, dtype) in spec.items():
+            arr = batch["images"][key.split("/")[1]] if key.startswith("images/") else batch[key]
+            assert arr.shape == shape and arr.dtype == dtype, key
+        assert spec["images/corner2"][0] == (8, 2, 16, 16, 3)
+        assert spec["actions"][0] == (8, 10, 5)  # H = 0.5 s * 20 Hz
+        robot, text = batch["source"] == 0, batch["source"] == 1
+        # Robot rows: the wrist camera is missing, state/action padding masked.
+        assert not batch["image_mask"][:, 1].any() and not batch["frame_mask"][:, 1].any()
+        assert batch["image_mask"][robot, 0].all()
+        assert not batch["action_mask"][..., 4:].any() and not batch["actions"][..., 4:].any()
+        assert not batch["state"][:, 4:].any()
+        assert batch["action_mask"][robot, 0, :4].all()
+        assert not batch["target_mask"][robot].any()
+        # Text rows: one frame in the first camera, no actions, a target with a loss.
+        assert batch["image_mask"][text, 0].all()
+        np.testing.assert_array_equal(batch["frame_mask"][text, 0], [[False, True]] * text.sum())
+        assert not batch["action_mask"][text].any() and not batch["state"][text].any()
+        assert batch["target_mask"][text].any(1).all()
+        assert (batch["target_mask"] <= batch["token_mask"]).all()
+    assert it.metrics() == {"data/skipped/robot": 0, "data/skipped/vl": 0}
+
+
+def test_same_seed_same_batches(tokenizer):
+    config = _config()
+    a, b = _take(_pipeline(config, tokenizer), 4), _take(_pipeline(config, tokenizer), 4)
+    _assert_same(a, b)
+    config.seed = 1
+    c = _take(_pipeline(config, tokenizer), 4)
+    assert any((x["tokens"] != y["tokens"]).any() for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_restored_iterator_continues_identically(tokenizer, workers, tmp_path):
+    config = _config(workers=workers)
+    it = _pipeline(config, tokenizer)
+    _take(it, 3)
+    # Through Grain's Orbax handler, as the trainer's checkpoint does.
+    grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), item=it)
+    expected = _take(it, 4)
+    it.close()
+    restored = _pipeline(config, tokenizer)
+    grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=restored)
+    _assert_same(_take(restored, 4), expected)
+    restored.close()
+
+
+def test_restore_into_changed_weights(tokenizer):
+    config = _config()
+    config.batch_size = 50
+    it = _pipeline(config, tokenizer, weights={"robot": 0.5, "vl": 0.5})
+    _take(it, 2)
+    state = it.get_state()
+    reweighted = _pipeline(config, tokenizer, weights={"robot": 0.9, "vl": 0.1})
+    reweighted.set_state(state)
+    src = np.concatenate([b["source"] for b in _take(reweighted, 20)])
+    assert abs((src == 0).mean() - 0.9) < 0.03
+
+
+def test_mixture_proportions(tokenizer):
+    config = _config()
+    config.batch_size = 200
+    config.model.image_size = 8
+    layout = sources.Layout.from_config(config)
+    weights = {"a": 0.6, "b": 0.3, "c": 0.1}
+    # >= 1000 examples each: Grain's index shuffle is slow on tiny index ranges.
+    srcs = {n: sources.TextSource(n, functools.partial(_text_data, 1000 + i, 8), layout, tokenizer)
+            for i, n in enumerate(weights)}
+    it = pipeline.mix(srcs, weights, layout, seed=0, batch_size=200)
+    src = np.concatenate([b["source"] for b in _take(it, 50)])
+    assert len(src) == 10_000
+    for k, w in enumerate(weights.values()):
+        assert abs((src == k).mean() - w) < 0.02
+
+
+def test_corrupt_records_skipped_and_counted(tokenizer):
+    config = _config()
+    config.batch_size = 16
+    bad = (1, 4)  # episode 1 (9 steps): every window that reads step 4 fails
+    it = _pipeline(config, tokenizer, bad=bad)
+    batches = _take(it, 40)
+    skipped = it.metrics()["data/skipped/robot"]
+    assert skipped > 0 and it.metrics()["data/skipped/vl"] == 0
+    assert all(b["state"].shape == (16, 6) for b in batches)
+    # The count is part of the iterator state.
+    again = _pipeline(config, tokenizer, bad=bad)
+    again.set_state(it.get_state())
+    assert again.metrics() == it.metrics()
+
+    config.data.strict = True
+    strict = _pipeline(config, tokenizer, bad=bad)
+    with pytest.raises(rlds.CorruptRecordError, match="'memory_robot', episode 1, step 4"):
+        _take(strict, 40)
+
+
+def test_context_stride_finer_than_native_period_fails_early(tokenizer):
+    config = _config()
+    config.knobs.context_stride_s = 0.005
+    with pytest.raises(ValueError, match="native period"):
+        _sources(config, tokenizer)
+
+
+def test_bad_path_and_kind_fail_at_construction(tokenizer, tmp_path):
+    root = str(tmp_path)
+    os.link(tokenizer.path, os.path.join(root, "tokenizer.model"))
+    config = _config(root=root)
+    with pytest.raises(ValueError, match="metaworld.*does not exist"):
+        pipeline.make_pipeline(config, process_index=0, process_count=1)
+    config.data.sources = {"x": dict(kind="audio", path=".", weight=1.0)}
+    with pytest.raises(ValueError, match="unknown kind 'audio'"):
+        pipeline.make_pipeline(config, process_index=0, process_count=1)
+    os.makedirs(os.path.join(root, "robot"))
+    config.data.sources = {"r": dict(kind="robot", path="robot", spec="nope", weight=1.0)}
+    with pytest.raises(ValueError, match="no dataset spec named 'nope'"):
+        pipeline.make_pipeline(config, process_index=0, process_count=1)
+    config.data.sources = {"r": dict(kind="robot", path="robot", spec="metaworld", weight=1.0)}
+    with pytest.raises(ValueError, match="not a TFDS dataset directory"):
+        pipeline.make_pipeline(config, process_index=0, process_count=1)
+    with pytest.raises(FileNotFoundError, match="SentencePiece"):
+        pipeline.make_pipeline(_config(root=str(tmp_path / "none")), process_index=0,
+                               process_count=1)
+
+
+def test_generated_data_end_to_end(generated_root):
+    from tests.data_fixtures import tiny_config
+
+    config = tiny_config()
+    config.data.root = generated_root
+    config.batch_size = 8
+    config.model.mode = "pi05"
+    it = pipeline.make_pipeline(config, process_index=1, process_count=2)
+    spec = it.element_spec()
+    assert it.element_spec(global_batch=True) == pipeline.element_spec(config)
+    assert pipeline.element_spec(config)["tokens"][0] == (8, 32) and spec["tokens"][0] == (4, 32)
+    for batch in _take(it, 3):
+        for key, (shape, dtype) in spec.items():
+            arr = batch["images"][key.split("/")[1]] if key.startswith("images/") else batch[key]
+            assert arr.shape == shape and arr.dtype == dtype, key
+        robot = batch["source"] == sorted(config.data.sources).index("metaworld")
+        # π0.5: the robot prompt carries one state token per native state dim (4).
+        state_ids = {it.tokenizer.state_id(b) for b in range(256)}
+        n_state = np.isin(batch["tokens"], list(state_ids)).sum(1)
+        assert (n_state[robot] == 4).all() and (n_state[~robot] == 0).all()
+        assert batch["action_mask"][robot, 0, :4].all()
+    assert set(it.stats) == set(it.normalizers) == {"metaworld"}
+    heldout = pipeline.make_pipeline(config, "heldout", process_index=0, process_count=1)
+    assert (next(heldout)["source"] == 0).all()  # only the robot dataset has a heldout split
+
+
+def _numbered(n: int) -> list[dict]:
+    return [dict(images={}, prompt=str(i), target="x") for i in range(n)]
+
+
+def test_processes_read_disjoint_slices(tokenizer):
+    layout = sources.Layout.from_config(_config())
+    src = {"a": sources.TextSource("a", functools.partial(_numbered, 40), layout, tokenizer)}
+    seen = []
+    for p in (0, 1):
+        it = pipeline.mix(src, {"a": 1.0}, layout, seed=0, batch_size=4, process_index=p,
+                          process_count=2)
+        prompts = [tokenizer.decode(t[m & ~g]).strip()
+                   for b in _take(it, 5) for t, m, g in
+                   zip(b["tokens"], b["token_mask"], b["target_mask"])]
+        assert len(set(prompts)) == 20  # one epoch of this process's half, no repeats
+        seen.append(set(prompts))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(i) for i in range(40)}

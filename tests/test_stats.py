@@ -1,0 +1,145 @@
+"""Statistics match numpy on generated arrays (serial and over worker processes); normalizers."""
+import functools
+
+import numpy as np
+import pytest
+
+from data import normalize, rlds, stats, windows
+
+
+def _dataset(seed: int, n: int = 12) -> windows.ArrayDataset:
+    """Episodes of random lengths; heavy-tailed actions so q01/q99 differ from min/max."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in range(n):
+        length = 0 if e == 3 else int(rng.integers(1, 60))  # one empty episode
+        state = rng.normal(e, 2.0, (length, 3)).astype(np.float32)
+        state[:, 2] = 7.0  # a constant dim
+        acts = rng.standard_t(3, (length, 2)).astype(np.float32)
+        out.append(windows.ArrayEpisode({}, state, acts, control_hz=10.0))
+    return windows.ArrayDataset(out)
+
+
+def _all(ds, key):
+    return np.concatenate([ds.episode(e).steps(range(ds.episode(e).length))[key]
+                           for e in range(len(ds))])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stats_match_numpy(workers):
+    opener = functools.partial(_dataset, 0)
+    s = stats.dataset_stats(opener, workers=workers, progress=False)
+    ds = opener()
+    assert s["num_episodes"] == len(ds) and s["skipped_episodes"] == 0
+    for key in stats.KEYS:
+        x = _all(ds, key).astype(np.float64)
+        got = {k: np.asarray(v) for k, v in s[key].items()}
+        assert got["count"] == len(x) == s["num_steps"]
+        np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got["std"], x.std(0), rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(got["min"], x.min(0))
+        np.testing.assert_array_equal(got["max"], x.max(0))
+        bin_width = (x.max(0) - x.min(0)) / stats.BINS
+        for q in ("q01", "q99"):
+            exact = np.quantile(x, float(q[1:]) / 100, axis=0)
+            assert np.all(np.abs(got[q] - exact) <= bin_width + 1e-12), (key, q, got[q], exact)
+    assert s["state"]["q01"][2] == s["state"]["q99"][2] == 7.0
+
+
+def test_hist_quantile_across_an_empty_gap():
+    # Ranks 0 and 1 sit at opposite ends of the range: the median must interpolate between them.
+    x = np.array([[0.0], [100.0]])
+    h = stats.histogram(x, np.array([0.0]), np.array([100.0]), bins=10)
+    got = stats.hist_quantile(h, np.array([0.0]), np.array([100.0]), 0.5)
+    assert abs(got[0] - 50.0) <= 10.0
+
+
+def test_moments_merge_is_order_free():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, 4)) * 1e3 + 1e6 for n in (1, 7, 300)]
+    m = stats.Moments.of(parts[2]).merge(stats.Moments.of(parts[0])).merge(
+        stats.Moments.of(parts[1]))
+    x = np.concatenate(parts)
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(m.m2 / m.count), x.std(0), rtol=1e-9)
+
+
+def test_save_and_load_beside_dataset(tmp_path):
+    s = stats.dataset_stats(functools.partial(_dataset, 2, 3), progress=False)
+    path = stats.save_stats(str(tmp_path), s)
+    assert path == str(tmp_path / "stats.json")
+    assert stats.load_stats(str(tmp_path)) == s
+    with pytest.raises(FileNotFoundError, match="tools.stats"):
+        stats.load_stats(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mode", normalize.MODES)
+def test_normalizer_inverse_and_padding(mode):
+    s = stats.dataset_stats(functools.partial(_dataset, 0), progress=False)
+    norm = normalize.normalizers(s, mode)
+    x = _all(_dataset(0), "actions")
+    y = norm["actions"].normalize(x)
+    if mode == "quantile":
+        np.testing.assert_allclose(norm["actions"].normalize(np.asarray(s["actions"]["q01"])), -1,
+                                   atol=1e-5)
+        np.testing.assert_allclose(norm["actions"].normalize(np.asarray(s["actions"]["q99"])), 1,
+                                   atol=1e-5)
+    else:
+        np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(y.std(0), 1, atol=1e-5)
+    np.testing.assert_allclose(norm["actions"].unnormalize(y), x, rtol=1e-5, atol=1e-5)
+    # Padded chunk [H, A_pad]: only the dataset's dims are transformed.
+    padded = np.concatenate([x[:4], np.full((4, 3), 5.0, np.float32)], -1)
+    out = norm["actions"].unnormalize(norm["actions"].normalize(padded))
+    np.testing.assert_allclose(out, padded, rtol=1e-5, atol=1e-5)
+    assert np.all(norm["actions"].normalize(padded)[:, 2:] == 5.0)
+    # The constant state dim stays finite.
+    assert np.all(np.isfinite(norm["state"].normalize(_all(_dataset(0), "state"))))
+
+
+def test_unknown_normalization_is_an_error():
+    with pytest.raises(ValueError, match="unknown normalization"):
+        normalize.Normalizer.from_stats({"mean": [0.0], "std": [1.0]}, "minmax")
+
+
+def test_compute_stats_on_generated_data(generated_root):
+    from data import rlds
+    from tests.data_fixtures import tiny_config
+
+    config = tiny_config()
+    result = stats.compute_stats(generated_root, config, workers=2, progress=False)
+    path = f"{generated_root}/metaworld_rlds"
+    assert stats.load_stats(path) == result["metaworld"]
+    ds = rlds.RobotDataset(path, "metaworld", split="train")
+    arrays = [ds.episode(e).steps(range(ds.episode(e).length)) for e in range(len(ds))]
+    for key in stats.KEYS:
+        x = np.concatenate([a[key] for a in arrays]).astype(np.float64)
+        s = result["metaworld"][key]
+        assert s["count"] == len(x)
+        np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(s["std"], x.std(0), rtol=1e-9, atol=1e-9)
+        bin_width = (x.max(0) - x.min(0)) / stats.BINS
+        assert np.all(np.abs(np.asarray(s["q99"]) - np.quantile(x, 0.99, 0)) <= bin_width + 1e-9)
+
+
+class _Unreadable(windows.ArrayDataset):
+    """Episode 2's record cannot be read (what rlds.RobotDataset raises)."""
+
+    def episode(self, index):
+        if index == 2:
+            raise rlds.CorruptRecordError("memory", 2, None, OSError("bad record"))
+        return super().episode(index)
+
+
+def _unreadable(seed: int) -> _Unreadable:
+    return _Unreadable(_dataset(seed)._episodes)
+
+
+def test_unreadable_episodes_are_skipped_and_counted():
+    s = stats.dataset_stats(functools.partial(_unreadable, 0), progress=False,
+                            errors=(rlds.CorruptRecordError,))
+    full = _dataset(0)
+    assert s["skipped_episodes"] == 1
+    assert s["num_steps"] == full.episode_lengths.sum() - full.episode_lengths[2]
+    with pytest.raises(rlds.CorruptRecordError, match="episode 2"):
+        stats.dataset_stats(functools.partial(_unreadable, 0), progress=False)

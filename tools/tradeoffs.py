@@ -1,0 +1,170 @@
+"""Trade-offs of a config: parameters, FLOPs, memory, and whether inference fits the real-time budget.
+
+    python -m tools.tradeoffs --config configs/pi0.py [--json] [--chip h100|h200|tpu_v4|...|cpu]
+    python -m tools.tradeoffs --config configs/pi0.py --sweep knobs.flow_steps=1,5,10,20 [--out FILE]
+
+Any config value can be overridden (--config.knobs.control_hz=30). --sweep varies one config
+value, prints one row per value and plots latency and FLOPs against it. Conventions: vla/cost.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vla import cost
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_JSON = flags.DEFINE_bool("json", False, "Print a machine-readable dict instead of a table.")
+_CHIP = flags.DEFINE_enum("chip", "h100", sorted(cost.CHIPS) + ["cpu"], "Chip for the latency roofline.")
+_CPU_GFLOPS = flags.DEFINE_float("cpu_gflops", None, "With --chip=cpu: use this matmul GFLOP/s instead of measuring.")
+_SWEEP = flags.DEFINE_string("sweep", None, "KEY=v1,v2,... e.g. knobs.flow_steps=1,5,10.")
+_OUT = flags.DEFINE_string("out", None, "Sweep plot path; default ./tradeoffs_<name>.png.")
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A readable table of one report."""
+    p, f, m, lat, rt = r["params"], r["flops"], r["memory_bytes"], r["latency"], r["realtime"]
+    rows = [("parameters", "")]
+    rows += [(f"  {name}", f"{n:,}") for name, n in p.items()]
+    rows += [("tokens", f"prefix {r['tokens']['prefix']} (images {r['tokens']['image']}), "
+                        f"suffix {r['tokens']['suffix']}, horizon {r['tokens']['action_horizon']}")]
+    rows += [("FLOPs per example", ""),
+             ("  training forward", _si(f["forward_per_example"], "FLOP")),
+             ("  training step (3x fwd, MFU)", _si(f["train_model_per_example"], "FLOP")),
+             ("  training step incl. remat", _si(f["train_hardware_per_example"], "FLOP")),
+             ("  inference prefix", _si(f["inference_prefix"], "FLOP")),
+             ("  inference flow step", _si(f["inference_flow_step"], "FLOP")),
+             (f"  inference chunk ({rt['flow_steps']} steps)", _si(f["inference_per_chunk"], "FLOP"))]
+    rows += [("memory", "")] + [(f"  {name}", _si(b, "B")) for name, b in m.items()]
+    chip = r["chip"]
+    rows += [(f"latency bound on {chip['name']}",
+              f"{_si(chip['peak_flops'], 'FLOP/s')}, {_si(chip['hbm_bytes_per_s'], 'B/s')}"),
+             ("  prefix", f"{_ms(lat['prefix_s'])} ({lat['prefix_bound']}-bound)"),
+             ("  flow step", f"{_ms(lat['flow_step_s'])} ({lat['flow_step_bound']}-bound)"),
+             ("  chunk", _ms(lat["chunk_s"])),
+             ("real-time budget", f"{rt['steps_executed']} steps at {rt['control_hz']:g} Hz = {_ms(rt['budget_s'])}"),
+             ("  fits", "yes" if rt["fits"] else "NO" + ("" if rt["steps_executed_within_horizon"]
+                                                          else " (steps_executed > action horizon)"))]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _parse_sweep(spec: str, config) -> tuple[str, list]:
+    """'knobs.flow_steps=1,5,10' -> ('knobs.flow_steps', [1, 5, 10]) typed like the config value."""
+    key, sep, values = spec.partition("=")
+    if not sep or not values:
+        raise app.UsageError(f"--sweep expects KEY=v1,v2,..., got {spec!r}")
+    kind = type(_get(config, key))
+    if kind is bool:
+        return key, [v.lower() in ("1", "true", "yes") for v in values.split(",")]
+    if kind not in (int, float, str):
+        raise app.UsageError(f"--sweep takes a number, string or bool config value; {key} is a {kind.__name__}")
+    try:
+        return key, [kind(v) for v in values.split(",")]
+    except ValueError as e:
+        raise app.UsageError(f"--sweep values for {key} must be {kind.__name__}s: {e}") from e
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            raise app.UsageError(f"config has no key {key!r}")
+        node = node[part]
+    return node
+
+
+def sweep(config, key: str, values: list, chip: cost.Chip, chip_name: str) -> list[dict[str, Any]]:
+    """One report per value of a config key (a dotted path such as knobs.control_hz)."""
+    *parents, leaf = key.split(".")
+    reports = []
+    for value in values:
+        c = copy.deepcopy(config)
+        node = c
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        reports.append(cost.report(c, chip, chip_name))
+    return reports
+
+
+def format_sweep(key: str, values: list, reports: list[dict[str, Any]]) -> str:
+    header = f"{key:>20} {'params':>10} {'train/ex':>12} {'infer/chunk':>12} {'prefix':>10} {'step':>10} " \
+             f"{'chunk':>10} {'budget':>10}  fits"
+    lines = [header]
+    for value, r in zip(values, reports):
+        lat, rt = r["latency"], r["realtime"]
+        lines.append(f"{value!s:>20} {_si(r['params']['total'], ''):>10} "
+                     f"{_si(r['flops']['train_model_per_example'], 'F'):>12} "
+                     f"{_si(r['flops']['inference_per_chunk'], 'F'):>12} {_ms(lat['prefix_s']):>10} "
+                     f"{_ms(lat['flow_step_s']):>10} {_ms(lat['chunk_s']):>10} {_ms(rt['budget_s']):>10}  "
+                     f"{'yes' if rt['fits'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def plot_sweep(key: str, values: list, reports: list[dict[str, Any]], path: str) -> None:
+    """Latency (with the real-time budget) and FLOPs against the swept value, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))  # names (variants) go on evenly spaced ticks
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_t.plot(xs, [r["latency"]["chunk_s"] * 1e3 for r in reports], "o-", label="chunk (roofline)")
+    ax_t.plot(xs, [r["latency"]["prefix_s"] * 1e3 for r in reports], "s--", label="prefix")
+    ax_t.plot(xs, [r["realtime"]["budget_s"] * 1e3 for r in reports], "k:", label="real-time budget")
+    ax_t.set_ylabel(f"ms at batch 1 on {reports[0]['chip']['name']}")
+    ax_t.set_yscale("log")
+    ax_f.plot(xs, [r["flops"]["train_model_per_example"] for r in reports], "o-", label="training / example")
+    ax_f.plot(xs, [r["flops"]["inference_per_chunk"] for r in reports], "s--", label="inference / chunk")
+    ax_f.set_ylabel("FLOPs")
+    ax_f.set_yscale("log")
+    for ax in (ax_t, ax_f):
+        ax.set_xlabel(key)
+        if not numeric:
+            ax.set_xticks(xs, [str(v) for v in values])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    chip = cost.get_chip(_CHIP.value, _CPU_GFLOPS.value)
+    if _SWEEP.value is None:
+        r = cost.report(config, chip, _CHIP.value)
+        print(json.dumps(r, indent=2) if _JSON.value else format_report(r))
+        return
+    key, values = _parse_sweep(_SWEEP.value, config)
+    reports = sweep(config, key, values, chip, _CHIP.value)
+    path = _OUT.value or f"tradeoffs_{key.split('.')[-1]}.png"
+    plot_sweep(key, values, reports, path)
+    if _JSON.value:
+        print(json.dumps({"key": key, "values": values, "reports": reports, "plot": path}, indent=2))
+    else:
+        print(format_sweep(key, values, reports))
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
