@@ -1,4 +1,4 @@
-"""Install: pip install -e ".[test]"   (extras: test, sim, cuda, tpu)."""
+"""Install: pip install -e ".[test]"   (extras: test, sim, hf, cuda, tpu)."""
 from setuptools import find_packages, setup
 
 CORE = [
@@ -11,6 +11,7 @@ CORE = [
     "array_record",
     "sentencepiece",
     "ml-collections",
+    "absl-py",
     "numpy",
     "scipy",
     "matplotlib",
@@ -34,7 +35,8 @@ setup(
         "sim": SIM,
         # Hugging Face weights: safetensors reads them; transformers + torch check the import against HF.
         "hf": ["safetensors", "transformers", "torch"],
-        "test": SIM + ["pytest", "pytest-xdist", "safetensors", "transformers", "torch"],
+        # torch pinned: this exact release has a CPU wheel here; an open range would pull CUDA builds.
+        "test": SIM + ["pytest", "pytest-xdist", "safetensors", "transformers", "torch==2.13.0"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -243,3 +243,12 @@ def test_generate_text_reproduces_memorized_target(overfit):
     for i in range(2):
         expected = np.asarray(batch["tokens"][i])[np.asarray(target[i])]
         np.testing.assert_array_equal(np.asarray(tokens[i, :n]), expected)
+
+
+def test_text_only_loss_skips_the_action_expert_and_matches_joint_text_loss():
+    cfg = tiny_config(mode="pi05")
+    batch = random_batch(cfg)
+    joint = _loss(make_model(cfg), batch)[1]
+    text_only = _loss(make_model(dataclasses.replace(cfg, flow_loss_weight=0.0)), batch)[1]
+    assert float(joint["flow_loss"]) > 0 and float(text_only["flow_loss"]) == 0.0
+    np.testing.assert_allclose(text_only["loss"], joint["text_loss"], rtol=1e-6)

@@ -222,11 +222,14 @@ class VLA(nnx.Module):
         t = jax.random.beta(time_rng, 1.5, 1.0, (b,)) * 0.999 + 0.001
         x_t = t[:, None, None] * eps + (1.0 - t[:, None, None]) * actions
         prefix = self.embed_prefix(batch)
-        prefix_out, suffix_out = self._joint(prefix, self.embed_suffix(batch["state"], x_t, t))
-
-        action_mask = batch["action_mask"].astype(jnp.float32)
-        flow_sum = jnp.sum(jnp.square(self._velocity(suffix_out) - (eps - actions)) * action_mask, axis=(1, 2))
-        flow_count = jnp.sum(action_mask, axis=(1, 2))
+        if cfg.flow_loss_weight:
+            prefix_out, suffix_out = self._joint(prefix, self.embed_suffix(batch["state"], x_t, t))
+            action_mask = batch["action_mask"].astype(jnp.float32)
+            flow_sum = jnp.sum(jnp.square(self._velocity(suffix_out) - (eps - actions)) * action_mask, axis=(1, 2))
+            flow_count = jnp.sum(action_mask, axis=(1, 2))
+        else:  # text-only training (π0.5 stage 1): the action expert does not run at all
+            prefix_out, _ = self.encode_prefix(prefix)
+            flow_sum = flow_count = jnp.zeros((b,), jnp.float32)
         if cfg.text_loss_weight:
             text_sum, text_count = self._text_nll(prefix_out, batch)
         else:
