@@ -1,0 +1,73 @@
+"""The optimizer of a run config: AdamW, linear warmup + cosine decay, global-norm clipping, no
+weight decay on norms/biases/embeddings, frozen parameters by regex, and an EMA of the weights.
+
+Parameters are the model's pure dict ({"decoder": {"embedder": array, ...}}); a parameter's path
+is its keys joined by "/" ("decoder/experts/0/q_einsum"). config.optimizer.freeze holds regexes
+(re.search) over these paths; a frozen parameter gets a zero update and no optimizer moments.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any  # a pytree of arrays keyed by parameter name
+
+# Scales and shifts (norms, biases) and lookup tables (token / position embeddings) are not
+# weight-decayed. Decided by name, not ndim: scanned layers stack a norm's scale to [layers, width].
+_NO_DECAY = re.compile(r"(norm|bias|scale|embed)")
+
+
+def param_paths(params: Params) -> Params:
+    """The tree of "a/b/c" path strings of a parameter tree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
+
+
+def decay_mask(params: Params) -> Params:
+    """True where weight decay applies: matrices and kernels, judged by the parameter's own name."""
+    return jax.tree.map(lambda p: not _NO_DECAY.search(p.rsplit("/", 1)[-1]), param_paths(params))
+
+
+def trainable_mask(params: Params, freeze: Sequence[str]) -> Params:
+    """True where a parameter trains; a freeze pattern matching no parameter is a config error."""
+    paths = param_paths(params)
+    all_paths = jax.tree.leaves(paths)
+    for pattern in freeze:
+        if not any(re.search(pattern, p) for p in all_paths):
+            raise ValueError(f"config.optimizer.freeze pattern {pattern!r} matches no parameter; "
+                             f"paths look like {all_paths[:3]}")
+    return jax.tree.map(lambda p: not any(re.search(f, p) for f in freeze), paths)
+
+
+def learning_rate(opt_config, total_steps: int) -> optax.Schedule:
+    """0 -> lr linearly over warmup_steps, then cosine to lr * min_lr_ratio at total_steps."""
+    warmup = min(int(opt_config.warmup_steps), total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=opt_config.lr * opt_config.min_lr_ratio)
+
+
+def make_optimizer(opt_config, total_steps: int, params: Params) -> optax.GradientTransformation:
+    """AdamW with clipping over the trainable parameters; frozen ones are left untouched."""
+    adamw = optax.chain(
+        optax.clip_by_global_norm(opt_config.clip_norm),
+        optax.adamw(learning_rate(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
+                    eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask(params)))
+    freeze = tuple(opt_config.freeze)
+    if not freeze:
+        return adamw
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, freeze))
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def ema_update(ema: Params, params: Params, decay: float, step: jax.Array) -> Params:
+    """One step of the exponential moving average of the parameters. The decay ramps up as
+    (1 + step) / (10 + step) until it reaches `decay`, so early evaluations of the EMA are not
+    dominated by the random initialization."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
