@@ -13,6 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.eval_every = 500
+    c.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
+    c.eval_batches = 4  # held-out batches per evaluation (the same ones every time); 0 = none
+    c.chip = "cpu"  # peak FLOP/s for MFU: a vla.cost.CHIPS name, or "cpu" (measured at start)
     c.init_from = ""  # a workdir whose latest parameters start this run (π0.5 stage 2)
 
     # ---------------------------------------------------------------- knobs
@@ -64,6 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "tokenizer.model"  # relative to data.root
     c.data.tokenizer_vocab_size = 512  # text pieces the generator's SentencePiece model learns
     c.data.normalization = "quantile"  # or "meanstd"
+    # π0.5 robot targets: FAST action tokens after the subtask. tools.stats (and tools.generate)
+    # fit the FAST tokenizer at the knobs' horizon and rate; the pipeline uses it in pi05 mode.
+    c.data.fast_targets = False
+    c.data.fast_vocab_size = 1024  # FAST BPE pieces (token ids appended after the text vocab)
+    c.data.fast_scale = 10.0  # DCT coefficients are rounded to 1 / fast_scale
+    c.data.fast_fit_chunks = 5000  # windows sampled from the train split to fit on
     c.data.sources = ml_collections.ConfigDict()
     c.data.sources.metaworld = dict(kind="robot", path="metaworld_rlds", spec="metaworld", weight=0.8)
     c.data.sources.scenes_vl = dict(kind="vl", path="scenes_vl", weight=0.1)
@@ -74,12 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- optimizer / mesh
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 100
+    c.optimizer.warmup_steps = 100  # linear warmup, then cosine decay to lr * min_lr_ratio
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 1e-4
     c.optimizer.clip_norm = 1.0
-    c.optimizer.ema_decay = 0.999
-    c.optimizer.grad_accum_steps = 1
-    c.optimizer.freeze = ()
+    c.optimizer.ema_decay = 0.999  # 0 = no EMA; evaluation uses the EMA weights when on
+    c.optimizer.grad_accum_steps = 1  # microbatches per step (batch_size is the global batch)
+    c.optimizer.freeze = ()  # regexes over parameter paths ("vit/.*", "decoder/experts/0/")
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = pi0.get_config()
     c.model.mode = "pi05"
     c.knobs.max_text_tokens = 200  # task + 32 state bins + subtask + FAST tokens
+    c.data.fast_targets = True  # robot examples carry "Subtask: ...\nAction: <FAST>|" targets
     if stage == "pretrain":
         c.model.flow_loss_weight = 0.0
         c.model.text_loss_weight = 1.0

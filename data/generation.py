@@ -1,11 +1,14 @@
 """Generating the local training data: Meta-World expert episodes (RLDS), scene VL examples, videos.
 
 The command line is tools/generate.py. Writes under the output directory:
-    metaworld_rlds/   RLDS episodes of the scripted experts; splits "train" and "heldout"
+    metaworld_rlds/   RLDS episodes of the scripted experts; splits "train" and "heldout";
+                      every step records its ground-truth subtask ("reach the button", ...)
     scenes_vl/        captions, VQA, detection and pointing on frames of the train episodes
     rollout_video/    narrated clips of expert, noisy, wrong-target and random rollouts
     tokenizer.model   SentencePiece model trained on all generated text (data.tokenizer)
     <source>/stats.json  normalization statistics of each robot source (data.stats)
+    <source>/fast/       the FAST action tokenizer at the config's knobs, when
+                         config.data.fast_targets (data.fast_targets)
 
 Every rollout has its own seed derived from (config.seed, task, stream, index), so the output
 is identical for any --processes. Failed expert episodes are dropped and counted.
@@ -139,7 +142,7 @@ def run_job(job: Job) -> Result:
     images = {cam: [rlds.encode_png(rollout.frames[t][cam]) for t in range(n)]
               for cam in env.cameras}
     episode = rlds.rlds_episode(images, rollout.state, rollout.actions, rollout.rewards,
-                                env.instruction, job.task, True, job.seed)
+                                env.instruction, job.task, True, job.seed, rollout.subtasks)
     return Result(job, True, episode, n, [encode_text_example(e) for e in scene_examples],
                   [encode_text_example(c) for c in clips])
 
@@ -203,7 +206,7 @@ def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool =
         writer.write(
             os.path.join(out, ROBOT_DIR),
             rlds.robot_features(settings.cameras, settings.image_size, metaworld_env.STATE_DIM,
-                                metaworld_env.ACTION_DIM),
+                                metaworld_env.ACTION_DIM, subtasks=True),
             {"train": episodes("train", n_tasks * d.episodes_per_task),
              **({"heldout": episodes("heldout", n_tasks * d.heldout_episodes_per_task)}
                 if d.heldout_episodes_per_task else {})},
@@ -227,12 +230,15 @@ def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool =
 
 def postprocess(out: str, config: ConfigDict, texts: list[str], tokenizer: bool = True,
                 stats: bool = True) -> None:
-    """Ships the tokenizer and normalization statistics beside the data."""
-    # ---- integration points: data/tokenizer.py and data/stats.py (owned elsewhere) ----
+    """Ships the tokenizer, the normalization statistics and (config.data.fast_targets) the
+    FAST action tokenizer, which is fit on normalized chunks, beside the data."""
     if tokenizer:
         from data.tokenizer import train_sentencepiece
-        train_sentencepiece(texts, os.path.join(out, "tokenizer.model"), config.data.tokenizer_vocab_size)
+        train_sentencepiece(texts, os.path.join(out, "tokenizer.model"),
+                            config.data.tokenizer_vocab_size)
     if stats:
+        from data import fast_targets
         from data.stats import compute_stats
         compute_stats(out, config)
-    # ------------------------------------------------------------------------------------
+        if config.data.fast_targets:
+            fast_targets.fit_sources(out, config)

@@ -26,14 +26,16 @@ The heldout split builds the same pipeline over the sources that have a "heldout
 robot datasets; sources without one are left out, keeping their `source` index): a fresh
 iterator always yields the same batches, so evaluations are comparable across steps.
 """
+import contextlib
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import grain
 import numpy as np
 from absl import flags
 from PIL import UnidentifiedImageError
 
+from data import fast_targets
 from data import sources as sources_lib
 from data.tokenizer import Tokenizer
 
@@ -70,16 +72,22 @@ class Pipeline(grain.DatasetIterator):
 
     Attributes: names (sorted source names; batch["source"] indexes them), tokenizer,
     normalizers {source: {"state", "actions": Normalizer}} and stats {source: stats.json}
-    for robot sources, batch_size (per process), layout (per-example shapes).
+    for robot sources, fast {source: FastActions} for robot sources with FAST targets,
+    fast_token_start (first FAST id, for config.model.fast_token_start; None without FAST
+    targets), batch_size (per process), layout (per-example shapes).
     """
 
     def __init__(self, inner: grain.DatasetIterator, names: list[str], batch_size: int,
                  process_count: int, layout: sources_lib.Layout, tokenizer: Tokenizer | None = None,
-                 stats: Mapping[str, dict] | None = None, normalizers: Mapping | None = None):
+                 stats: Mapping[str, dict] | None = None, normalizers: Mapping | None = None,
+                 fast: Mapping[str, fast_targets.FastActions] | None = None):
         super().__init__(inner)
         self.names, self.batch_size, self.layout = names, batch_size, layout
         self.process_count = process_count
         self.tokenizer, self.stats, self.normalizers = tokenizer, dict(stats or {}), normalizers
+        self.fast = dict(fast or {})
+        self.fast_token_start = (tokenizer.fast_offset if tokenizer is not None
+                                 and tokenizer.n_fast_tokens else None)
         self._skipped = {n: 0 for n in names}
 
     def __next__(self) -> dict:
@@ -131,7 +139,7 @@ def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: source
     batch_size is the per-process batch. names: the full sorted list of sources that
     batch["source"] indexes (default sorted(sources)); sources of weight 0 are left out of
     the mixture but keep their index. errors: exception types counted as bad records.
-    attrs: passed to Pipeline (tokenizer, stats, normalizers).
+    attrs: passed to Pipeline (tokenizer, stats, normalizers, fast).
     """
     names = names or sorted(sources)
     parts, part_weights = {}, {}
@@ -174,8 +182,13 @@ def make_pipeline(config, split: str = "train", process_index: int | None = None
     """The pipeline of a config: every source of config.data.sources, mixed by weight.
 
     Everything that can be wrong with the config or the data files (unknown kind, missing path,
-    spec, statistics or tokenizer, shapes the data cannot serve) raises here, before any batch.
+    spec, statistics, tokenizer or FAST fit, shapes the data cannot serve) raises here, before
+    any batch.
     Returns a Pipeline yielding per-process batches of batch_size // process_count.
+
+    π0.5 with config.data.fast_targets: robot examples carry FAST action tokens, the text
+    tokenizer gets a FAST id range as large as the largest robot source's FAST vocabulary, and
+    pipeline.fast_token_start is its first id.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -188,19 +201,25 @@ def make_pipeline(config, split: str = "train", process_index: int | None = None
         raise ValueError(f"batch_size {config.batch_size} is not divisible by "
                          f"{process_count} processes")
     root = data_root or config.data.root
-    tokenizer = Tokenizer(os.path.join(root, config.data.tokenizer))
-    layout = sources_lib.Layout.from_config(config)
     cfg = {name: dict(src) for name, src in config.data.sources.items()}
+    fast = {}
+    if config.model.mode == "pi05" and config.data.fast_targets:
+        for name, src in sorted(cfg.items()):
+            if src.get("kind") == "robot":
+                with _naming_source(name, src):
+                    fast[name] = fast_targets.load_for_source(root, src, config)
+    tokenizer = Tokenizer(os.path.join(root, config.data.tokenizer),
+                          n_fast_tokens=max((f.vocab_size for f in fast.values()), default=0))
+    layout = sources_lib.Layout.from_config(config)
     built = {}
     for name, src in sorted(cfg.items()):
-        try:
+        with _naming_source(name, src):
             # Heldout data exists for robot datasets; text datasets have only "train".
             if (split != "train" and src.get("kind") in sources_lib.KINDS
                     and not sources_lib.has_split(root, src, split)):
                 continue
-            built[name] = sources_lib.make_source(name, src, config, root, split, tokenizer)
-        except (ValueError, KeyError, OSError) as e:
-            raise ValueError(f"config.data.sources.{name} = {src}: {e}") from e
+            built[name] = sources_lib.make_source(name, src, config, root, split, tokenizer,
+                                                  fast.get(name))
     robot = {n: s for n, s in built.items() if isinstance(s, sources_lib.RobotSource)}
     return mix(built, {n: float(cfg[n]["weight"]) for n in built}, layout, names=sorted(cfg),
                seed=int(config.seed), batch_size=config.batch_size // process_count,
@@ -208,5 +227,15 @@ def make_pipeline(config, split: str = "train", process_index: int | None = None
                workers=int(config.data.workers), prefetch=int(config.data.prefetch),
                strict=bool(config.data.get("strict", False)), errors=bad_record_errors(),
                tokenizer=tokenizer, stats={n: s.stats for n, s in robot.items()},
-               normalizers={n: s.normalizers for n, s in robot.items()})
+               normalizers={n: s.normalizers for n, s in robot.items()},
+               fast={n: f for n, f in fast.items() if n in built})
+
+
+@contextlib.contextmanager
+def _naming_source(name: str, src: dict) -> Iterator[None]:
+    """Configuration and data-file errors, re-raised as ValueError naming the source."""
+    try:
+        yield
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"config.data.sources.{name} = {src}: {e}") from e
 

@@ -3,8 +3,9 @@
 Layout written (one record per episode, the RLDS / Open X-Embodiment convention):
 
     steps: Dataset of {observation: {<camera>: Image [H, W, 3], state: f32 [S]},
-                       action: f32 [A], language_instruction: str, reward: f32,
-                       discount: f32, is_first, is_last, is_terminal: bool}
+                       action: f32 [A], language_instruction: str,
+                       [language_subtask: str,]  (the phase at that step; when recorded)
+                       reward: f32, discount: f32, is_first, is_last, is_terminal: bool}
     episode_metadata: {task: str, success: bool, seed: int64}
 
 The dataset directory itself holds dataset_info.json, so `tfds.builder_from_directory(path)
@@ -176,7 +177,8 @@ def _write_one(path: str, features_json: dict, split_names: list[str], descripti
 
 
 def robot_features(cameras: Sequence[str], image_size: int, state_dim: int,
-                   action_dim: int) -> tfds.features.FeaturesDict:
+                   action_dim: int, subtasks: bool = False) -> tfds.features.FeaturesDict:
+    """subtasks: steps carry a language_subtask (see rlds_episode)."""
     f = tfds.features
     return f.FeaturesDict({
         "steps": f.Dataset({
@@ -187,6 +189,7 @@ def robot_features(cameras: Sequence[str], image_size: int, state_dim: int,
             }),
             "action": f.Tensor(shape=(action_dim,), dtype=np.float32),
             "language_instruction": f.Text(),
+            **({"language_subtask": f.Text()} if subtasks else {}),
             "reward": f.Scalar(dtype=np.float32),
             "discount": f.Scalar(dtype=np.float32),
             "is_first": f.Scalar(dtype=np.bool_),
@@ -203,9 +206,11 @@ def robot_features(cameras: Sequence[str], image_size: int, state_dim: int,
 
 def rlds_episode(images: Mapping[str, Sequence[bytes | np.ndarray]], state: np.ndarray,
                  actions: np.ndarray, rewards: np.ndarray, instruction: str, task: str,
-                 success: bool, seed: int) -> dict[str, Any]:
+                 success: bool, seed: int, subtasks: Sequence[str] | None = None
+                 ) -> dict[str, Any]:
     """One episode in the RLDS layout. images: camera -> N frames (PNG bytes or uint8
-    [H, W, 3]); state f32 [N, S]; actions f32 [N, A] (action taken at step i); rewards [N].
+    [H, W, 3]); state f32 [N, S]; actions f32 [N, A] (action taken at step i); rewards [N];
+    subtasks: N phrases, the subtask in progress at each step (robot_features(subtasks=True)).
     The last step is terminal when the episode ended in success."""
     n = len(state)
     steps = [{
@@ -213,6 +218,7 @@ def rlds_episode(images: Mapping[str, Sequence[bytes | np.ndarray]], state: np.n
                         "state": np.asarray(state[i], np.float32)},
         "action": np.asarray(actions[i], np.float32),
         "language_instruction": instruction,
+        **({"language_subtask": subtasks[i]} if subtasks is not None else {}),
         "reward": np.float32(rewards[i]),
         "discount": np.float32(1.0),
         "is_first": i == 0,
@@ -234,6 +240,7 @@ class DatasetSpec:
     state_keys: tuple[str, ...]  # concatenated in this order -> state f32 [S_native]
     action_key: str = "action"
     instruction_key: str = "language_instruction"
+    subtask_key: str | None = None  # a per-step text feature; None: no subtask targets
     control_hz: float | None = None  # None: read from the dataset's metadata.json
     gripper_dims: tuple[int, ...] = ()  # action dims held (not interpolated) when resampling
     state_dim: int | None = None  # native dims; checked against the features when given
@@ -271,6 +278,7 @@ register_spec(DatasetSpec(
                  "observation/gripperPOV": "gripperPOV", "observation/behindGripper":
                  "behindGripper", "observation/corner": "corner"},
     state_keys=("observation/state",),
+    subtask_key="language_subtask",
     gripper_dims=(3,),
     state_dim=4,
     action_dim=4,
@@ -339,7 +347,7 @@ class RobotDataset:
         step_keys = _flat_features(features["steps"].feature)
         episode_keys = _flat_features(features)
         s = self.spec
-        wanted = [*s.state_keys, s.action_key]
+        wanted = [*s.state_keys, s.action_key, *([s.subtask_key] if s.subtask_key else [])]
         present_cams = [k for k in s.camera_keys if k in step_keys]
         if not present_cams:
             raise ValueError(f"spec {s.name!r}: none of its camera keys {list(s.camera_keys)} is "
@@ -413,7 +421,7 @@ class RobotEpisode:
             key = self._ds.spec.instruction_key
             value = _get(self._step(0), key) if self._ds._instruction_in_steps \
                 else _get(self._record, key)
-            self._instruction = value.decode() if isinstance(value, bytes) else str(value)
+            self._instruction = _text(value)
         return self._instruction
 
     def _step(self, i: int) -> dict[str, Any]:
@@ -424,7 +432,8 @@ class RobotEpisode:
 
     def steps(self, indices: Sequence[int]) -> dict[str, Any]:
         """images {camera: uint8 [n, h, w, 3]}, state f32 [n, S_native], actions f32
-        [n, A_native] for the given step indices (any order, repeats allowed)."""
+        [n, A_native] for the given step indices (any order, repeats allowed), and subtask
+        (n strings) when the spec names a subtask key."""
         spec = self._ds.spec
         for i in indices:
             if not 0 <= i < self.length:
@@ -443,4 +452,12 @@ class RobotEpisode:
         state = np.stack([np.concatenate([np.ravel(_get(r, k)) for k in spec.state_keys])
                           for r in rows]).astype(np.float32)
         actions = np.stack([np.ravel(_get(r, spec.action_key)) for r in rows]).astype(np.float32)
-        return {"images": images, "state": state, "actions": actions}
+        out = {"images": images, "state": state, "actions": actions}
+        if spec.subtask_key:
+            out["subtask"] = [_text(_get(r, spec.subtask_key)) for r in rows]
+        return out
+
+
+def _text(value: Any) -> str:
+    """A TFDS Text feature as read without TensorFlow (bytes) or from memory (str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -12,8 +12,10 @@ docs/data_contract.md (the batch dimension is added by data/pipeline.py):
     action_mask  bool [H, A]
 
 Kinds (config.data.sources[name].kind):
-    robot   windows over RLDS episodes (data/rlds.py): one example per (episode, native step),
-            prompt = instruction (π0) or instruction + state bins (π0.5), no text target
+    robot   windows over RLDS episodes (data/rlds.py): one example per (episode, native step);
+            π0: prompt = instruction, no text target; π0.5: prompt = instruction + state bins,
+            targets = the step's subtask (datasets that record one) and, with a FAST tokenizer
+            (data/fast_targets.py), the chunk's FAST tokens
     vl      vision-language examples (written by data/scenes.py): prompt -> target text
     video   video clips (written by data/video.py): t frames, prompt -> target text
             (both read with data/tfds_image_text.ImageTextSource)
@@ -29,13 +31,16 @@ process that reads, so Grain can ship them to worker processes.
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from data import normalize, prompt, stats, windows
 from data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # data/fast_targets.py imports this module
+    from data.fast_targets import FastActions
 
 KINDS = ("robot", "vl", "video", "tfds")
 
@@ -140,7 +145,9 @@ class RobotSource:
 
     def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
                  window: windows.WindowSpec, hold_dims: Sequence[int], stats: dict,
-                 normalization: str, tokenizer: Tokenizer):
+                 normalization: str, tokenizer: Tokenizer, fast: "FastActions | None" = None):
+        """fast: data/fast_targets.FastActions of this dataset at `window`'s horizon (π0.5
+        FAST targets; the tokenizer's FAST id range must hold its vocabulary), or None."""
         self.name = name
         self._dataset = _Lazy(open_dataset)
         ds = self._dataset.get()
@@ -155,12 +162,19 @@ class RobotSource:
         if native != dims:
             raise ValueError(f"source {name!r}: statistics have dims {dims}, data has {native}; "
                              f"recompute them with tools.stats")
+        if fast is not None and (fast.horizon, fast.action_dim) != (window.horizon, ds.action_dim):
+            raise ValueError(f"source {name!r}: FAST tokenizer fit for chunks "
+                             f"{(fast.horizon, fast.action_dim)}, windows are "
+                             f"{(window.horizon, ds.action_dim)}")
+        if fast is not None and fast.vocab_size > tokenizer.n_fast_tokens:
+            raise ValueError(f"source {name!r}: FAST vocabulary {fast.vocab_size} exceeds the "
+                             f"tokenizer's FAST range {tokenizer.n_fast_tokens}")
         if ds.state_dim > layout.state_dim or ds.action_dim > layout.action_dim:
             raise ValueError(f"source {name!r}: data dims {native} exceed model.state_dim="
                              f"{layout.state_dim} / model.action_dim={layout.action_dim}")
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
         self._layout, self._window, self._hold = layout, window, tuple(hold_dims)
-        self._tokenizer = tokenizer
+        self._tokenizer, self._fast = tokenizer, fast
         self._cache_on = lengths.sum() * (ds.state_dim + ds.action_dim) * 4 <= LOWDIM_CACHE_BYTES
         self._cache: dict[int, tuple[dict, str] | None] = {}
 
@@ -207,8 +221,13 @@ class RobotSource:
         # Masked steps are zero after normalization too ("missing parts are zero").
         ex["actions"], ex["action_mask"] = windows.pad_actions(actions, w["action_valid"],
                                                                lay.action_dim)
-        bins = prompt.discretize_state(state) if lay.pi05 else None
-        ex.update(_tokens(self._tokenizer, instruction, None, lay.max_len, bins))
+        if lay.pi05:
+            fast_ids = None if self._fast is None else self._fast.encode(
+                windows.hold_past_end(actions, w["action_valid"]))
+            ex.update(_tokens(self._tokenizer, instruction, w.get("subtask"), lay.max_len,
+                              prompt.discretize_state(state), fast_ids))
+        else:
+            ex.update(_tokens(self._tokenizer, instruction, None, lay.max_len))
         return ex
 
 
@@ -246,8 +265,9 @@ class TextSource:
         return ex
 
 
-def _tokens(tokenizer, text, target, max_len, state_bins=None) -> dict:
-    out = prompt.build_tokens(tokenizer, text, target, max_len, state_bins=state_bins)
+def _tokens(tokenizer, text, target, max_len, state_bins=None, fast_tokens=None) -> dict:
+    out = prompt.build_tokens(tokenizer, text, target, max_len, state_bins=state_bins,
+                              fast_tokens=fast_tokens)
     return {k: out[k] for k in ("tokens", "token_mask", "target_mask")}
 
 
@@ -296,9 +316,11 @@ def has_split(root: str, src: dict, split: str) -> bool:
     return split in rlds.open_builder(dataset_dir(root, src)).info.splits
 
 
-def make_source(name: str, src: dict, config, root: str, split: str, tokenizer: Tokenizer):
+def make_source(name: str, src: dict, config, root: str, split: str, tokenizer: Tokenizer,
+                fast: "FastActions | None" = None):
     """Build one source; raises (before any batch) on an unknown kind, a missing path or spec,
-    missing statistics or dims/strides the config cannot serve."""
+    missing statistics or dims/strides the config cannot serve. fast: the robot source's
+    FastActions when π0.5 examples carry FAST targets."""
     kind = src.get("kind")
     if kind not in KINDS:
         raise ValueError(f"source {name!r}: unknown kind {kind!r}; expected one of {KINDS}")
@@ -312,4 +334,4 @@ def make_source(name: str, src: dict, config, root: str, split: str, tokenizer: 
     opener()  # a wrong path, spec or split is reported before missing statistics
     return RobotSource(name, opener, layout,
                        windows.WindowSpec.from_config(config), _robot_spec(src).gripper_dims,
-                       stats.load_stats(path), config.data.normalization, tokenizer)
+                       stats.load_stats(path), config.data.normalization, tokenizer, fast)

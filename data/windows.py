@@ -26,7 +26,7 @@ class Episode(Protocol):
 
     def steps(self, indices: Sequence[int]) -> dict:
         """images {cam: uint8 [n, h, w, 3]}, state f32 [n, S_native], actions f32 [n, A_native]
-        for the n given step indices."""
+        for the n given step indices, and subtask (n strings) when the episode records one."""
 
 
 class RobotData(Protocol):
@@ -45,13 +45,15 @@ class RobotData(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ArrayEpisode:
-    """An episode held in memory: frames {cam: [N, h, w, 3]}, states [N, S], acts [N, A]."""
+    """An episode held in memory: frames {cam: [N, h, w, 3]}, states [N, S], acts [N, A],
+    optionally the subtask at every step."""
 
     frames: dict
     states: np.ndarray
     acts: np.ndarray
     control_hz: float
     instruction: str = ""
+    subtasks: tuple[str, ...] | None = None
 
     @property
     def length(self) -> int:
@@ -59,8 +61,11 @@ class ArrayEpisode:
 
     def steps(self, indices: Sequence[int]) -> dict:
         idx = np.asarray(indices, np.int64)
-        return dict(images={c: f[idx] for c, f in self.frames.items()}, state=self.states[idx],
-                    actions=self.acts[idx])
+        out = dict(images={c: f[idx] for c, f in self.frames.items()}, state=self.states[idx],
+                   actions=self.acts[idx])
+        if self.subtasks is not None:
+            out["subtask"] = [self.subtasks[i] for i in idx]
+        return out
 
 
 class ArrayDataset:
@@ -117,6 +122,7 @@ def make_window(ep: Episode, step: int, spec: WindowSpec, hold_dims: Sequence[in
       state        f32 [S_native]    at `step`
       actions      f32 [H, A_native] at t_step + k / control_hz; zero where invalid
       action_valid bool [H]          false past the episode end
+      subtask      str               the subtask at `step` (only when the episode records them)
     """
     n = ep.length
     if not 0 <= step < n:
@@ -141,7 +147,7 @@ def make_window(ep: Episode, step: int, spec: WindowSpec, hold_dims: Sequence[in
     actions = resample.interpolate(acts[lo], acts[hi], frac, hold_dims)
     actions[~valid] = 0.0
     frame_rows = np.searchsorted(need, fidx)
-    return dict(
+    window = dict(
         images={c: np.asarray(f)[frame_rows] for c, f in data["images"].items()
                 if c in spec.cameras},
         frame_mask=frame_mask,
@@ -149,6 +155,22 @@ def make_window(ep: Episode, step: int, spec: WindowSpec, hold_dims: Sequence[in
         actions=actions,
         action_valid=valid,
     )
+    if "subtask" in data:  # the current frame is always read, so its step's subtask is at hand
+        window["subtask"] = data["subtask"][int(np.searchsorted(need, step))]
+    return window
+
+
+def hold_past_end(actions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Chunk [H, A] with the steps past the episode end holding the last valid action.
+
+    A discrete action target (FAST) has no mask: it must say something for every step, and
+    "stay with the last command" is what the robot does when the episode is over; zeros
+    would teach a jump to the normalization centre. valid[0] is always true (a window starts
+    inside its episode)."""
+    last = int(np.flatnonzero(valid)[-1])
+    out = np.array(actions, np.float32)
+    out[last + 1:] = out[last]
+    return out
 
 
 def pad_state(state: np.ndarray, dim: int) -> np.ndarray:

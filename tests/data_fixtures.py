@@ -1,7 +1,8 @@
 """Session-scoped fixtures with small generated data (owned by the data pipeline).
 
 `generated_root` is one real tools.generate run on a tiny config (2 tasks x 2 episodes + 1
-heldout each, 32² images, 2 processes); `metaworld_rlds_dir` is its RLDS dataset.
+heldout each, 32² images, 2 processes) with its tokenizer, stats and FAST fit (horizon 10 at
+20 Hz); `metaworld_rlds_dir` is its RLDS dataset.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ml_collections import ConfigDict
 TINY_TASKS = ("reach-v3", "button-press-topdown-v3")
 TINY_IMAGE_SIZE = 32
 TINY_CLIP_FRAMES = 3
+TINY_FAST_VOCAB = 400  # the tiny train split has ~70 distinct coefficients; 257 pieces are fixed
 
 
 def tiny_config(tasks: tuple[str, ...] = TINY_TASKS, episodes: int = 2,
@@ -24,6 +26,9 @@ def tiny_config(tasks: tuple[str, ...] = TINY_TASKS, episodes: int = 2,
     config.data.episodes_per_task = episodes
     config.data.heldout_episodes_per_task = heldout
     config.model.image_size = TINY_IMAGE_SIZE
+    # The fixture's postprocess fits FAST at the demo knobs; only pi05 pipelines read it.
+    config.data.fast_targets = True
+    config.data.fast_vocab_size = TINY_FAST_VOCAB
     return config
 
 

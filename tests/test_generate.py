@@ -70,3 +70,18 @@ def test_command_line(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "kept" in run.stdout and "dropped" in run.stdout
     assert len(RobotDataset(os.path.join(out, "metaworld_rlds"))) >= 2
+
+
+def test_every_step_records_its_subtask(metaworld_rlds_dir):
+    ds = RobotDataset(metaworld_rlds_dir)
+    for e, task in enumerate(t for t in TINY_TASKS for _ in range(2)):
+        ep = ds.episode(e)
+        subtasks = ep.steps(range(ep.length))["subtask"]
+        phases = list(dict.fromkeys(subtasks))  # in order of first appearance
+        if task == "reach-v3":
+            assert phases == ["move the gripper to the goal", "done"]
+        else:  # the gripper starts away from the button: reach it, press it, done
+            assert phases == ["reach the button", "press the button from the top", "done"]
+        # Phases never come back, and the episode records steps after its success.
+        assert sum(a != b for a, b in zip(subtasks, subtasks[1:])) == len(phases) - 1
+        assert subtasks[0] == phases[0] and subtasks[-1] == "done"

@@ -8,11 +8,12 @@ import pytest
 from etils import epath
 
 from configs import demo
-from data import pipeline, rlds, sources, stats, windows
+from data import fast, fast_targets, normalize, pipeline, prompt, rlds, sources, stats, windows
 from data.tokenizer import Tokenizer, train_sentencepiece
 
 TEXTS = ["pick up the block", "open the drawer", "press the button", "what is on the table?",
          "a red block", "the robot arm"]
+SUBTASKS = ("reach the block", "lift the block")
 
 
 def _config(**data):
@@ -36,7 +37,8 @@ def _robot_data(seed: int, bad: tuple[int, int] | None = None) -> windows.ArrayD
     for e, n in enumerate((20, 9, 30, 15)):
         frames = rng.integers(0, 255, (n, 12, 12, 3), np.uint8)
         ep = windows.ArrayEpisode({"corner2": frames}, rng.normal(size=(n, 4)).astype(np.float32),
-                                  rng.normal(size=(n, 4)).astype(np.float32), 80.0, TEXTS[e])
+                                  rng.normal(size=(n, 4)).astype(np.float32), 80.0, TEXTS[e],
+                                  tuple(SUBTASKS[j >= n // 2] for j in range(n)))
         eps.append(_Corrupt(ep, "memory_robot", e, bad[1]) if bad and bad[0] == e else ep)
     return windows.ArrayDataset(eps)
 
@@ -66,22 +68,47 @@ def tokenizer(tmp_path_factory):
     return Tokenizer(train_sentencepiece(TEXTS * 20, path, 300))
 
 
-def _sources(config, tokenizer, bad=None):
+def _robot_stats():
+    return stats.dataset_stats(functools.partial(_robot_data, 0), progress=False)
+
+
+def _sources(config, tokenizer, bad=None, fast_actions=None):
     layout = sources.Layout.from_config(config)
     opener = functools.partial(_robot_data, 0, bad)
-    robot_stats = stats.dataset_stats(functools.partial(_robot_data, 0), progress=False)
     return {
         "robot": sources.RobotSource("robot", opener, layout,
-                                     windows.WindowSpec.from_config(config), (3,), robot_stats,
-                                     config.data.normalization, tokenizer),
+                                     windows.WindowSpec.from_config(config), (3,), _robot_stats(),
+                                     config.data.normalization, tokenizer, fast_actions),
         "vl": sources.TextSource("vl", functools.partial(_text_data, 40), layout, tokenizer),
     }
 
 
-def _pipeline(config, tokenizer, weights=None, bad=None, **kw):
-    srcs = _sources(config, tokenizer, bad)
+FAST_VOCAB = 512
+
+
+def _pi05_config(**data):
+    c = _config(**data)
+    c.model.mode = "pi05"
+    c.knobs.max_text_tokens = 128  # prompt + state bins + subtask + FAST tokens of noisy actions
+    return c
+
+
+@pytest.fixture(scope="module")
+def pi05_fast(tokenizer):
+    """(text tokenizer with a FAST id range, FastActions fit on the robot data's windows)."""
+    spec = windows.WindowSpec.from_config(_pi05_config())
+    norm = normalize.normalizers(_robot_stats(), "quantile")["actions"]
+    chunks = fast_targets.sample_chunks(_robot_data(0), spec, (3,), norm, 1000)
+    actions = fast_targets.FastActions(fast.fit(chunks, FAST_VOCAB), spec.horizon, 4,
+                                       spec.control_hz, "quantile")
+    return Tokenizer(tokenizer.path, n_fast_tokens=actions.vocab_size), actions
+
+
+def _pipeline(config, tokenizer, weights=None, bad=None, fast_actions=None, **kw):
+    srcs = _sources(config, tokenizer, bad, fast_actions)
     kw = dict(seed=config.seed, batch_size=config.batch_size, workers=config.data.workers,
-              strict=config.data.get("strict", False), errors=pipeline.bad_record_errors(), **kw)
+              strict=config.data.get("strict", False), errors=pipeline.bad_record_errors(),
+              tokenizer=tokenizer, fast={"robot": fast_actions} if fast_actions else None, **kw)
     return pipeline.mix(srcs, weights or {"robot": 0.7, "vl": 0.3},
                         sources.Layout.from_config(config), **kw)
 
@@ -139,16 +166,19 @@ def test_same_seed_same_batches(tokenizer):
     assert any((x["tokens"] != y["tokens"]).any() for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_restored_iterator_continues_identically(tokenizer, workers, tmp_path):
+@pytest.mark.parametrize("workers,mode", [(0, "pi0"), (1, "pi0"), (1, "pi05")])
+def test_restored_iterator_continues_identically(tokenizer, pi05_fast, workers, mode, tmp_path):
     config = _config(workers=workers)
-    it = _pipeline(config, tokenizer)
+    kw = {}
+    if mode == "pi05":  # subtask + FAST targets, FAST tokenizer shipped to the worker process
+        config, (tokenizer, kw["fast_actions"]) = _pi05_config(workers=workers), pi05_fast
+    it = _pipeline(config, tokenizer, **kw)
     _take(it, 3)
     # Through Grain's Orbax handler, as the trainer's checkpoint does.
     grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), item=it)
     expected = _take(it, 4)
     it.close()
-    restored = _pipeline(config, tokenizer)
+    restored = _pipeline(config, tokenizer, **kw)
     grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=restored)
     _assert_same(_take(restored, 4), expected)
     restored.close()
@@ -230,30 +260,127 @@ def test_bad_path_and_kind_fail_at_construction(tokenizer, tmp_path):
                                process_count=1)
 
 
-def test_generated_data_end_to_end(generated_root):
+def _generated_pi05_config(root):
     from tests.data_fixtures import tiny_config
 
-    config = tiny_config()
-    config.data.root = generated_root
-    config.batch_size = 8
+    config = tiny_config()  # FAST targets on, fit by the fixture's postprocess
+    config.data.root = root
     config.model.mode = "pi05"
+    config.knobs.max_text_tokens = 96
+    return config
+
+
+def test_generated_data_end_to_end(generated_root):
+    from tests.data_fixtures import TINY_FAST_VOCAB
+
+    config = _generated_pi05_config(generated_root)
+    config.batch_size = 8
     it = pipeline.make_pipeline(config, process_index=1, process_count=2)
     spec = it.element_spec()
     assert it.element_spec(global_batch=True) == pipeline.element_spec(config)
-    assert pipeline.element_spec(config)["tokens"][0] == (8, 32) and spec["tokens"][0] == (4, 32)
+    assert pipeline.element_spec(config)["tokens"][0] == (8, 96) and spec["tokens"][0] == (4, 96)
+    tok = it.tokenizer
+    assert tok.n_fast_tokens == TINY_FAST_VOCAB and it.fast_token_start == tok.fast_offset
     for batch in _take(it, 3):
         for key, (shape, dtype) in spec.items():
             arr = batch["images"][key.split("/")[1]] if key.startswith("images/") else batch[key]
             assert arr.shape == shape and arr.dtype == dtype, key
         robot = batch["source"] == sorted(config.data.sources).index("metaworld")
         # π0.5: the robot prompt carries one state token per native state dim (4).
-        state_ids = {it.tokenizer.state_id(b) for b in range(256)}
+        state_ids = {tok.state_id(b) for b in range(256)}
         n_state = np.isin(batch["tokens"], list(state_ids)).sum(1)
         assert (n_state[robot] == 4).all() and (n_state[~robot] == 0).all()
         assert batch["action_mask"][robot, 0, :4].all()
-    assert set(it.stats) == set(it.normalizers) == {"metaworld"}
+        # Robot targets: subtask text and FAST ids (only there, inside the FAST range).
+        is_fast = batch["tokens"] >= it.fast_token_start
+        assert (is_fast.any(1) == robot).all() and (batch["tokens"] < tok.vocab_size).all()
+        assert not (is_fast & ~batch["target_mask"]).any()
+        for row in np.flatnonzero(robot):
+            text = prompt.decode_target(tok, batch["tokens"][row], batch["target_mask"][row])
+            assert prompt.parse_subtask(text) in ("move the gripper to the goal",
+                                                  "reach the button",
+                                                  "press the button from the top", "done")
+    assert set(it.stats) == set(it.normalizers) == set(it.fast) == {"metaworld"}
     heldout = pipeline.make_pipeline(config, "heldout", process_index=0, process_count=1)
     assert (next(heldout)["source"] == 0).all()  # only the robot dataset has a heldout split
+    config.knobs.chunk_s = 1.0  # no FAST fit at horizon 20: an error before any batch
+    with pytest.raises(ValueError, match="no FAST tokenizer for horizon 20"):
+        pipeline.make_pipeline(config, process_index=0, process_count=1)
+
+
+def test_fast_round_trip_of_generated_windows(generated_root):
+    """A real window's chunk -> π0.5 tokens -> parsed back -> decoded -> unnormalized."""
+    config = _generated_pi05_config(generated_root)
+    src = dict(config.data.sources.metaworld)
+    actions = fast_targets.load_for_source(generated_root, src, config)
+    tok = Tokenizer(os.path.join(generated_root, config.data.tokenizer),
+                    n_fast_tokens=actions.vocab_size)
+    source = sources.make_source("metaworld", src, config, generated_root, "train", tok, actions)
+    norm = source.normalizers["actions"]
+    ds = rlds.RobotDataset(os.path.join(generated_root, src["path"]))
+    spec = windows.WindowSpec.from_config(config)
+    e = 2  # a button press: reach, press, done
+    length = ds.episode(e).length
+    start = int(ds.episode_lengths[:e].sum())
+    for step in (10, length - 5):  # inside the episode, and a chunk running past its end
+        ex = source[start + step]
+        window = windows.make_window(ds.episode(e), step, spec, ds.spec.gripper_dims)
+        native = windows.hold_past_end(window["actions"], window["action_valid"])
+        assert window["action_valid"].all() == (step == 10)
+        subtask = prompt.parse_subtask(prompt.decode_target(tok, ex["tokens"], ex["target_mask"]))
+        assert subtask == window["subtask"] == ds.episode(e).steps([step])["subtask"][0]
+        # What a model generates after the prompt: the target positions.
+        chunk = actions.decode_generated(tok, ex["tokens"][ex["target_mask"]])
+        assert chunk.shape == (spec.horizon, 4)
+        decoded = norm.unnormalize(chunk)
+        # Exactly the FAST round trip of the normalized chunk, ...
+        direct = norm.unnormalize(actions.decode(actions.encode(norm.normalize(native))))
+        np.testing.assert_allclose(decoded, direct, atol=1e-6)
+        # ... within the rounding of the DCT coefficients of the native chunk.
+        bound = 10 ** 0.5 * 0.5 / actions.tokenizer.scale * norm.scale + 1e-5
+        assert (np.abs(decoded - native) <= bound).all()
+
+
+def test_pi05_robot_targets_are_subtask_fast_tokens_and_eos(pi05_fast):
+    tok, actions = pi05_fast
+    it = _pipeline(_pi05_config(), tok, fast_actions=actions)
+    assert it.fast_token_start == tok.fast_offset and it.fast == {"robot": actions}
+    enc = tok.encode
+    # Rounding the DCT coefficients to 1 / scale moves a value by at most sqrt(H) * 0.5 / scale.
+    bound = 10 ** 0.5 * 0.5 / actions.tokenizer.scale + 1e-5
+    for batch in _take(it, 2):
+        for row in np.flatnonzero(batch["source"] == 0):
+            tokens, target = batch["tokens"][row], batch["target_mask"][row]
+            fast_pos = tokens >= tok.fast_offset
+            assert fast_pos.any() and not (fast_pos & ~target).any()
+            assert (tokens[fast_pos] < tok.vocab_size).all()
+            ids = prompt.parse_fast_from_tokens(tok, tokens)
+            subtask = prompt.parse_subtask(prompt.decode_target(tok, tokens, target))
+            assert subtask in SUBTASKS
+            # The targets, right after the prompt's ";\n": exactly subtask, FAST tokens, EOS.
+            expected = (enc(f"Subtask: {subtask}\n") + enc("Action: ") +
+                        [tok.fast_id(k) for k in ids] + enc("|") + [tok.eos_id])
+            prefix = tokens[batch["token_mask"][row] & ~target].tolist()
+            assert prefix[-len(enc(";\n")):] == enc(";\n")
+            np.testing.assert_array_equal(np.flatnonzero(target),
+                                          np.arange(len(prefix), len(prefix) + len(expected)))
+            assert tokens[target].tolist() == expected
+            # ... and the FAST tokens are this row's (normalized) action chunk.
+            valid = batch["action_mask"][row, :, 0]
+            error = actions.decode(ids)[valid] - batch["actions"][row, valid, :4]
+            assert np.abs(error).max() <= bound
+        text = batch["source"] == 1
+        assert not (batch["tokens"][text] >= tok.fast_offset).any()
+
+
+def test_pi05_without_fast_targets_has_the_subtask_only(tokenizer):
+    batch = next(_pipeline(_pi05_config(), tokenizer))
+    for row in np.flatnonzero(batch["source"] == 0):
+        tokens, target = batch["tokens"][row], batch["target_mask"][row]
+        subtask = prompt.parse_subtask(prompt.decode_target(tokenizer, tokens, target))
+        assert subtask in SUBTASKS
+        assert tokens[target].tolist() == tokenizer.encode(f"Subtask: {subtask}\n") + [
+            tokenizer.eos_id]
 
 
 def _numbered(n: int) -> list[dict]:

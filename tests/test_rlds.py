@@ -1,4 +1,5 @@
 """RLDS writer and reader: layout, TF-free access, lazy steps, bad input, corruption."""
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ def test_opens_without_tensorflow_with_rlds_fields(metaworld_rlds_dir):
     assert info["splits"] == ["heldout", "train"]
     assert info["n"] == 4
     assert info["step"] == ["action", "discount", "is_first", "is_last", "is_terminal",
-                            "language_instruction", "observation", "reward"]
+                            "language_instruction", "language_subtask", "observation", "reward"]
     assert info["obs"] == ["corner2", "state"]
     assert info["meta"] == ["seed", "success", "task"]
     assert info["image"] == [TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3]
@@ -155,12 +156,14 @@ def test_corrupt_file_on_disk_raises_corrupt_record_error(metaworld_rlds_dir, tm
 def test_undecodable_image_names_its_step(tmp_path):
     good = rlds.encode_png(np.zeros((8, 8, 3), np.uint8))
     episode = rlds.rlds_episode({"corner2": [good, b"not a png at all", good]},
-                                np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(3), "x", "t", True, 0)
+                                np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(3), "x", "t", True, 0,
+                                subtasks=["a", "b", "c"])
     path = str(tmp_path / "broken")
-    rlds.write_tfds(path, rlds.robot_features(["corner2"], 8, 4, 4), {"train": [episode]},
-                    {"control_hz": 80.0}, "broken")
+    rlds.write_tfds(path, rlds.robot_features(["corner2"], 8, 4, 4, subtasks=True),
+                    {"train": [episode]}, {"control_hz": 80.0}, "broken")
     ep = RobotDataset(path).episode(0)
     assert ep.steps([0, 2])["images"]["corner2"].shape == (2, 8, 8, 3)
+    assert ep.steps([2, 0])["subtask"] == ["c", "a"]
     with pytest.raises(CorruptRecordError, match="step 1") as info:
         ep.steps([0, 1])
     assert (info.value.dataset, info.value.episode, info.value.step) == ("broken", 0, 1)
@@ -174,3 +177,16 @@ def test_writer_refuses_to_overwrite(metaworld_rlds_dir):
     with pytest.raises(FileExistsError):
         rlds.write_tfds(metaworld_rlds_dir, rlds.robot_features(["corner2"], 8, 4, 4),
                         {"train": []}, {}, "x")
+
+
+def test_subtasks_are_optional(tmp_path):
+    image = rlds.encode_png(np.zeros((8, 8, 3), np.uint8))
+    episode = rlds.rlds_episode({"corner2": [image] * 2}, np.zeros((2, 4)), np.zeros((2, 4)),
+                                np.zeros(2), "x", "t", True, 0)
+    path = str(tmp_path / "plain")
+    rlds.write_tfds(path, rlds.robot_features(["corner2"], 8, 4, 4), {"train": [episode]},
+                    {"control_hz": 80.0}, "no subtasks")
+    with pytest.raises(ValueError, match="language_subtask"):  # the spec names a missing key
+        RobotDataset(path, "metaworld")
+    spec = dataclasses.replace(rlds.SPECS["metaworld"], subtask_key=None)
+    assert "subtask" not in RobotDataset(path, spec).episode(0).steps([0, 1])

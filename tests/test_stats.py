@@ -143,3 +143,58 @@ def test_unreadable_episodes_are_skipped_and_counted():
     assert s["num_steps"] == full.episode_lengths.sum() - full.episode_lengths[2]
     with pytest.raises(rlds.CorruptRecordError, match="episode 2"):
         stats.dataset_stats(functools.partial(_unreadable, 0), progress=False)
+
+
+def test_fast_fit_beside_stats_keyed_by_knobs(generated_root):
+    """The fixture's postprocess fit FAST (tiny_config has data.fast_targets on)."""
+    import json
+    import os
+
+    from data import fast_targets
+    from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
+
+    config = tiny_config()
+    dataset_dir = f"{generated_root}/metaworld_rlds"
+    fit = f"{dataset_dir}/fast/h10_20hz"  # demo knobs: 0.5 s at 20 Hz
+    assert sorted(os.listdir(fit)) == ["bpe.model", "fast.json", "meta.json"]
+    with open(f"{fit}/meta.json") as f:
+        meta = json.load(f)
+    assert (meta["horizon"], meta["control_hz"], meta["action_dim"]) == (10, 20.0, 4)
+    assert meta["vocab_size"] == TINY_FAST_VOCAB and meta["report_on"] == "heldout"
+    assert 1 <= meta["report"]["mean_tokens"] <= meta["report"]["max_tokens"] < 40
+    # Rounding DCT coefficients to 1/scale: per value at most sqrt(H) * 0.5 / scale.
+    assert meta["report"]["max_abs_error"] <= 10 ** 0.5 * 0.5 / meta["scale"]
+    actions = fast_targets.load_for_source(generated_root, dict(config.data.sources.metaworld),
+                                           config)
+    assert (actions.horizon, actions.action_dim, actions.vocab_size) == (10, 4, TINY_FAST_VOCAB)
+    # Another horizon (chunk_s) or rate finds no fit, and says which fits exist.
+    config.knobs.chunk_s = 1.0
+    with pytest.raises(FileNotFoundError, match=r"horizon 20 at 20 Hz.*h10_20hz"):
+        fast_targets.load_for_source(generated_root, dict(config.data.sources.metaworld), config)
+    with pytest.raises(FileNotFoundError, match="horizon 10 at 40 Hz"):
+        fast_targets.load(dataset_dir, 10, 40.0, "quantile")
+    with pytest.raises(ValueError, match="'quantile'-normalized"):
+        fast_targets.load(dataset_dir, 10, 20.0, "meanstd")
+    with pytest.raises(ValueError, match=r"fit for chunks \(10, 4\)"):
+        actions.encode(np.zeros((20, 4)))
+
+
+def test_fast_sample_is_bounded_and_matches_the_windows():
+    from data import fast_targets
+
+    ds = _dataset(1)
+    spec = windows.WindowSpec(frames=1, stride_s=0.1, control_hz=5.0, horizon=4, cameras=())
+    norm = normalize.Normalizer(np.zeros(2, np.float32), np.full(2, 2.0, np.float32))
+    chunks = fast_targets.sample_chunks(ds, spec, (), norm, max_chunks=9, seed=3)
+    assert chunks.shape == (9, 4, 2)
+    # Every sampled chunk is the normalized, end-held chunk of some window of the dataset.
+    every = [fast_targets.target_chunk(w["actions"], w["action_valid"], norm)
+             for e in range(len(ds)) for s in range(ds.episode(e).length)
+             for w in [windows.make_window(ds.episode(e), s, spec)]]
+    for chunk in chunks:
+        assert any(np.array_equal(chunk, c) for c in every)
+    assert len(fast_targets.sample_chunks(ds, spec, (), norm, max_chunks=10_000)) == len(every)
+    # Unreadable episodes are skipped, like the statistics skip them.
+    readable = fast_targets.sample_chunks(_unreadable(1), spec, (), norm, 10_000,
+                                          errors=(rlds.CorruptRecordError,))
+    assert len(readable) == len(every) - ds.episode(2).length

@@ -97,3 +97,24 @@ def test_in_memory_lowdim_gives_the_same_window():
         for k in ("frame_mask", "state", "actions", "action_valid"):
             np.testing.assert_array_equal(a[k], b[k])
         np.testing.assert_array_equal(a["images"]["cam"], b["images"]["cam"])
+
+
+def test_window_carries_the_subtask_of_its_step():
+    ep = _episode()
+    assert "subtask" not in windows.make_window(ep, 3, _spec())  # none recorded
+    phases = tuple("reach" if j < 6 else "push" for j in range(N))
+    ep = windows.ArrayEpisode(ep.frames, ep.states, ep.acts, ep.control_hz, subtasks=phases)
+    lowdim = {k: ep.steps(range(N))[k] for k in ("state", "actions")}
+    for step in (0, 5, 6, N - 1):  # read per window and with the episode's low-dim in memory
+        assert windows.make_window(ep, step, _spec())["subtask"] == phases[step]
+        assert windows.make_window(ep, step, _spec(), lowdim=lowdim)["subtask"] == phases[step]
+
+
+def test_hold_past_end_repeats_the_last_valid_action():
+    last = windows.make_window(_episode(), N - 3, _spec(), hold_dims=(2,))
+    np.testing.assert_array_equal(last["action_valid"], [True, False, False, False])
+    held = windows.hold_past_end(last["actions"], last["action_valid"])
+    np.testing.assert_allclose(held, [[7, 49, 1]] * 4)
+    full = windows.make_window(_episode(), 0, _spec(), hold_dims=(2,))
+    np.testing.assert_array_equal(windows.hold_past_end(full["actions"][:3], [True] * 3),
+                                  full["actions"][:3])

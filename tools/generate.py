@@ -4,8 +4,9 @@
         [--config.data.episodes_per_task=N] [--processes=2] [--skip_tokenizer] [--skip_stats]
         [--clip_frames=4 --clip_stride=8 --video_rollouts_per_task=N] [--overwrite]
 
-Writes Meta-World expert episodes (RLDS), scene vision-language examples, narrated video clips, the
-SentencePiece tokenizer and normalization statistics under --out.
+Writes Meta-World expert episodes (RLDS, with the subtask of every step), scene vision-language
+examples, narrated video clips, the SentencePiece tokenizer, normalization statistics and, when
+config.data.fast_targets (configs/pi05.py), the FAST action tokenizer under --out.
 """
 import os
 import time
@@ -21,7 +22,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (config.data.root by c
 _PROCESSES = flags.DEFINE_integer("processes", os.cpu_count(), "Rollout worker processes.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing datasets under --out.")
 _SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Do not train the tokenizer.")
-_SKIP_STATS = flags.DEFINE_bool("skip_stats", False, "Do not compute normalization stats.")
+_SKIP_STATS = flags.DEFINE_bool("skip_stats", False, "Do not compute normalization stats (nor "
+                                 "fit the FAST tokenizer, which needs them).")
 _CLIP_FRAMES = flags.DEFINE_integer("clip_frames", Settings.clip_frames, "Frames per video clip.")
 _CLIP_STRIDE = flags.DEFINE_integer("clip_stride", Settings.clip_stride,
                                     "Control steps (1/80 s) between a clip's frames.")

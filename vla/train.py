@@ -343,6 +343,8 @@ def train(config, workdir: str, eval_hooks: Sequence[EvalHook] = ()) -> dict[str
     chief = jax.process_index() == 0
     data = pipeline_lib.make_pipeline(config, "train")
     validate_data(config, data.tokenizer.vocab_size)
+    # FAST action targets (π0.5) get ids the tokenizer reserves; the action expert must not see them.
+    config.model.fast_token_start = data.fast_token_start
     mesh = sharding.make_mesh(dict(config.mesh))
     validate_mesh(config, mesh)
     write_config(config, workdir)
