@@ -132,15 +132,19 @@ class _Lazy:
 # Episodes' state/actions are kept in memory per process when the whole dataset's fit in this
 # budget: a window then decodes only its context frames instead of every chunk step's images.
 LOWDIM_CACHE_BYTES = 256 << 20
+# Decoded episodes, images included, kept per process when the whole dataset fits (the demo's
+# 64² data is ~120 MB); reading and PNG-decoding an episode record dominates a window otherwise.
+EPISODE_CACHE_BYTES = 1 << 30
 
 
 class RobotSource:
     """Windows over a robot dataset: a flat index over (episode, native step) pairs.
 
-    Per process, each episode's state, actions and instruction are read once (decoding the
-    episode) and kept, if the dataset's low-dim data fits LOWDIM_CACHE_BYTES; an episode whose
-    full read fails (a corrupt step) is read per window instead, so only the windows that touch
-    the bad step fail.
+    Per process, each episode is read once (decoding the episode) and kept: whole, images
+    included, when the decoded dataset fits EPISODE_CACHE_BYTES (then a window is array
+    indexing); else its state, actions and instruction, if those fit LOWDIM_CACHE_BYTES (then a
+    window decodes only its context frames). An episode whose full read fails (a corrupt step) is
+    read per window instead, so only the windows that touch the bad step fail.
     """
 
     def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
@@ -176,7 +180,8 @@ class RobotSource:
         self._layout, self._window, self._hold = layout, window, tuple(hold_dims)
         self._tokenizer, self._fast = tokenizer, fast
         self._cache_on = lengths.sum() * (ds.state_dim + ds.action_dim) * 4 <= LOWDIM_CACHE_BYTES
-        self._cache: dict[int, tuple[dict, str] | None] = {}
+        self._cache: dict[int, tuple | None] = {}
+        self._keep_images: bool | None = None  # decided at the first episode read
 
     def __getstate__(self):
         return {**self.__dict__, "_cache": {}}  # each process fills its own
@@ -189,20 +194,34 @@ class RobotSource:
         e = int(np.searchsorted(self._starts, i, side="right")) - 1
         return e, int(i - self._starts[e])
 
-    def _episode(self, e: int):
-        """(episode, its cached {"state", "actions"} or None, instruction)."""
+    def _episode(self, e: int) -> tuple:
+        """(episode to cut windows from, its {"state", "actions"} or None, instruction)."""
         ep = self._dataset.get().episode(e)
         if not self._cache_on:
             return ep, None, ep.instruction
         if e not in self._cache:
             try:
                 arrays = ep.steps(range(ep.length))
-                lowdim = {k: np.asarray(arrays[k], np.float32) for k in ("state", "actions")}
-                self._cache[e] = (lowdim, ep.instruction)
             except Exception:  # noqa: BLE001 - whatever it is, the per-window read reports it
                 self._cache[e] = None
+            else:
+                self._cache[e] = self._held(ep, arrays)
         hit = self._cache[e]
-        return (ep, None, ep.instruction) if hit is None else (ep, *hit)
+        return (ep, None, ep.instruction) if hit is None else hit
+
+    def _held(self, ep, arrays: dict) -> tuple:
+        """What the cache keeps of a fully read episode: all of it if the dataset fits."""
+        lowdim = {k: np.asarray(arrays[k], np.float32) for k in ("state", "actions")}
+        if self._keep_images is None:
+            step_bytes = sum(f.nbytes for f in arrays["images"].values()) / max(ep.length, 1)
+            self._keep_images = step_bytes * len(self) <= EPISODE_CACHE_BYTES
+        if not self._keep_images:
+            return ep, lowdim, ep.instruction
+        subtasks = arrays.get("subtask")
+        held = windows.ArrayEpisode(frames=arrays["images"], states=lowdim["state"], acts=lowdim["actions"],
+                                    control_hz=ep.control_hz, instruction=ep.instruction,
+                                    subtasks=None if subtasks is None else tuple(subtasks))
+        return held, None, ep.instruction
 
     def __getitem__(self, i: int) -> dict:
         e, step = self.locate(i)
