@@ -1,4 +1,4 @@
-"""The training input pipeline: sources -> weighted mixture -> per-process batches -> prefetch.
+"""The training input pipeline: sources -> weighted mixture -> global batches -> this process's rows.
 
     it = make_pipeline(config)               # split="train"; or "heldout"
     batch = next(it)                          # dict of numpy arrays, the batch contract
@@ -6,27 +6,38 @@
     element_spec(config)                      # global batch shapes, without opening data
     state = it.get_state(); it.set_state(s)   # JSON-able; grain.checkpoint handlers accept `it`
 
-Per source (Grain MapDataset over example indices): this process's slice of the indices
-(process_index::process_count), shuffled by seed and reshuffled every epoch, repeated forever,
-read (bad records skipped) -> IterDataset. The sources are mixed with IterDataset.mix, whose
-state is the position in every source plus the mixer's; a state saved under other weights
-therefore restores (each source continues where it was, new weights apply from then on).
-Batches are a function of (seed, process_index, process_count, workers): Grain slices the
-sources per worker, so changing config.data.workers changes the order (deterministically).
-Then batches of batch_size // process_count and, with config.data.workers > 0, prefetch in
-worker processes (Grain mp_prefetch: each worker reads a slice of every source).
+The global batch sequence is a function of (seed, global batch size, sources and weights) only:
+not of the process count, nor of config.data.workers. It is decided on indices, which are cheap,
+and only then are examples read, which is the expensive part:
+
+    per source: MapDataset.range(n).shuffle(seed, reshuffled every epoch).repeat() -> (source, i)
+    IterDataset.mix of those index streams by weight -> global batches of indices
+    -> rows [p*B/P, (p+1)*B/P) for process p of P -> read (bad records skipped) -> stacked batch
+
+Every process walks the same index stream and reads only its own rows, which are the rows
+jax.make_array_from_process_local_data expects from it when the batch is sharded over the data
+axes in process order (vla/train.py), so P processes feed exactly the batches of one process.
+The mixer's state is the position in every source's stream plus the mixer's own; a state saved
+under other weights therefore restores (each source continues where it was, new weights apply
+from then on), and it does not depend on P.
+
+Batches are read ahead in a thread, or with config.data.workers > 0 in worker processes (Grain
+mp_prefetch): each worker steps through the whole index stream and reads every workers-th batch,
+and Grain's round-robin over the workers restores the global order. The iterator state's shape
+depends on the number of workers, so a run resumes with the workers it saved with.
 
 Bad data: reading an example that raises one of the bad-record errors (a CorruptRecordError
 from data/rlds.py, an undecodable image) moves on to the next index of the same source and
 counts the skip; the count travels inside the example (so it survives worker processes) and
-the iterator sums it per source. config.data.strict=True re-raises the error instead, which
-names dataset, episode and step.
+the iterator sums it per source over this process's rows. config.data.strict=True re-raises the
+error instead, which names dataset, episode and step.
 
 The heldout split builds the same pipeline over the sources that have a "heldout" split (the
 robot datasets; sources without one are left out, keeping their `source` index): a fresh
 iterator always yields the same batches, so evaluations are comparable across steps.
 """
 import contextlib
+import functools
 import os
 from typing import Any, Iterator, Mapping
 
@@ -65,6 +76,71 @@ class _Read:
             return ex
         raise RuntimeError(f"source {self._source.name!r}: {MAX_CONSECUTIVE_SKIPS} bad records in "
                            f"a row from index {i % n}; the dataset looks corrupt")
+
+
+def _tag(source: int, i: int) -> np.ndarray:
+    """An index stream's element: (mixture index of the source, example index in it)."""
+    return np.array([source, i], np.int64)
+
+
+def _stack(examples: list[dict]) -> dict:
+    """Examples (dicts of arrays, images a nested dict) -> one batch, stacked on a new axis 0."""
+    first = examples[0]
+    return {k: _stack([e[k] for e in examples]) if isinstance(first[k], dict)
+            else np.stack([e[k] for e in examples]) for k in first}
+
+
+class _ReadRows:
+    """A global batch of (source, index) pairs -> this process's rows, read and stacked."""
+
+    def __init__(self, reads: Mapping[int, _Read], rows: slice):
+        self._reads, self._rows = dict(reads), rows
+
+    def __call__(self, indices: np.ndarray) -> dict:
+        return _stack([self._reads[int(k)](int(i)) for k, i in indices[self._rows]])
+
+
+class _EveryNth(grain.IterDataset):
+    """Passes every batch; in mp_prefetch worker w of W, only batches w, w + W, w + 2W, ...
+
+    Grain slices a dataset per worker by calling set_slice(slice(w, None, W)) on it in the
+    worker. Slicing the sources instead (Grain's default) would give every worker its own
+    mixture, so the batches would depend on W; here each worker walks the whole (cheap) index
+    stream, and Grain's round-robin over the workers yields the batches in the global order.
+    """
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+        self._first, self._every = 0, 1
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice  # batches are whole units either way
+        self._first, self._every = sl.start or 0, sl.step or 1
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _EveryNthIterator(self._parent.__iter__(), self._first, self._every)
+
+
+class _EveryNthIterator(grain.DatasetIterator):
+    """Its state is the parent's, taken just before the next batch it will return."""
+
+    def __init__(self, parent: grain.DatasetIterator, first: int, every: int):
+        super().__init__(parent)
+        self._every = every
+        for _ in range(first):
+            next(self._parent)
+
+    def __next__(self):
+        batch = next(self._parent)
+        for _ in range(self._every - 1):
+            next(self._parent)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
 
 
 class Pipeline(grain.DatasetIterator):
@@ -136,38 +212,44 @@ def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: source
         **attrs) -> Pipeline:
     """Mix random-access sources ({name: source with __len__/__getitem__ -> example}).
 
-    batch_size is the per-process batch. names: the full sorted list of sources that
-    batch["source"] indexes (default sorted(sources)); sources of weight 0 are left out of
-    the mixture but keep their index. errors: exception types counted as bad records.
-    attrs: passed to Pipeline (tokenizer, stats, normalizers, fast).
+    batch_size is the GLOBAL batch; the iterator yields this process's batch_size //
+    process_count rows of it. names: the full sorted list of sources that batch["source"]
+    indexes (default sorted(sources)); sources of weight 0 are left out of the mixture but keep
+    their index. errors: exception types counted as bad records. attrs: passed to Pipeline
+    (tokenizer, stats, normalizers, fast).
     """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     names = names or sorted(sources)
-    parts, part_weights = {}, {}
+    streams, stream_weights, reads = {}, {}, {}
     for name in sorted(sources):
         if weights[name] <= 0:
             continue
         k = names.index(name)
-        n = len(sources[name])
-        if n < process_count:
-            raise ValueError(f"source {name!r} has {n} examples, fewer than {process_count} "
-                             f"processes")
-        ds = grain.MapDataset.range(n)[process_index::process_count]
+        ds = grain.MapDataset.range(len(sources[name]))
         # Distinct seeds per source: equal-length sources must not share one permutation.
-        ds = ds.shuffle(seed=(seed * 1000003 + k) % 2**32).repeat()
-        ds = ds.map(_Read(sources[name], k, strict, errors))
-        parts[name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=
-                                                           max(4, batch_size)))
-        part_weights[name] = float(weights[name])
-    if not parts:
+        ds = ds.shuffle(seed=(seed * 1000003 + k) % 2**32).repeat().map(functools.partial(_tag, k))
+        # Indices cost nothing to produce: no prefetch threads.
+        streams[name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                                              prefetch_buffer_size=0))
+        stream_weights[name] = float(weights[name])
+        reads[k] = _Read(sources[name], k, strict, errors)
+    if not streams:
         raise ValueError("no source has a positive weight")
-    ds = grain.IterDataset.mix(parts, part_weights).batch(batch_size, drop_remainder=True)
+    local = batch_size // process_count
+    ds = grain.IterDataset.mix(streams, stream_weights).batch(batch_size, drop_remainder=True)
+    ds = _EveryNth(ds).map(_ReadRows(reads, slice(process_index * local,
+                                                  (process_index + 1) * local)))
     if workers > 0:
         # Grain's worker processes read absl flags; a program without absl.app has none parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=prefetch))
-    return Pipeline(iter(ds), names, batch_size, process_count, layout, **attrs)
+    else:
+        # Read the next batches in a thread while the trainer's step runs.
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return Pipeline(iter(ds), names, local, process_count, layout, **attrs)
 
 
 def bad_record_errors() -> tuple[type[Exception], ...]:
@@ -197,9 +279,6 @@ def make_pipeline(config, split: str = "train", process_index: int | None = None
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by "
-                         f"{process_count} processes")
     root = data_root or config.data.root
     cfg = {name: dict(src) for name, src in config.data.sources.items()}
     fast = {}
@@ -222,7 +301,7 @@ def make_pipeline(config, split: str = "train", process_index: int | None = None
                                                   fast.get(name))
     robot = {n: s for n, s in built.items() if isinstance(s, sources_lib.RobotSource)}
     return mix(built, {n: float(cfg[n]["weight"]) for n in built}, layout, names=sorted(cfg),
-               seed=int(config.seed), batch_size=config.batch_size // process_count,
+               seed=int(config.seed), batch_size=int(config.batch_size),
                process_index=process_index, process_count=process_count,
                workers=int(config.data.workers), prefetch=int(config.data.prefetch),
                strict=bool(config.data.get("strict", False)), errors=bad_record_errors(),

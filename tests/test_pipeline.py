@@ -166,7 +166,7 @@ def test_same_seed_same_batches(tokenizer):
     assert any((x["tokens"] != y["tokens"]).any() for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("workers,mode", [(0, "pi0"), (1, "pi0"), (1, "pi05")])
+@pytest.mark.parametrize("workers,mode", [(0, "pi0"), (2, "pi0"), (1, "pi05")])
 def test_restored_iterator_continues_identically(tokenizer, pi05_fast, workers, mode, tmp_path):
     config = _config(workers=workers)
     kw = {}
@@ -383,20 +383,27 @@ def test_pi05_without_fast_targets_has_the_subtask_only(tokenizer):
             tokenizer.eos_id]
 
 
-def _numbered(n: int) -> list[dict]:
-    return [dict(images={}, prompt=str(i), target="x") for i in range(n)]
+def _concat(batches: list[dict]) -> dict:
+    """Batches -> one, row-wise (images a nested dict)."""
+    return {k: _concat([b[k] for b in batches]) if isinstance(batches[0][k], dict)
+            else np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def test_processes_read_disjoint_slices(tokenizer):
-    layout = sources.Layout.from_config(_config())
-    src = {"a": sources.TextSource("a", functools.partial(_numbered, 40), layout, tokenizer)}
-    seen = []
-    for p in (0, 1):
-        it = pipeline.mix(src, {"a": 1.0}, layout, seed=0, batch_size=4, process_index=p,
-                          process_count=2)
-        prompts = [tokenizer.decode(t[m & ~g]).strip()
-                   for b in _take(it, 5) for t, m, g in
-                   zip(b["tokens"], b["token_mask"], b["target_mask"])]
-        assert len(set(prompts)) == 20  # one epoch of this process's half, no repeats
-        seen.append(set(prompts))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(i) for i in range(40)}
+def _rows(batch: dict, rows: slice) -> dict:
+    return {k: _rows(v, rows) if isinstance(v, dict) else v[rows] for k, v in batch.items()}
+
+
+def test_processes_read_their_rows_of_one_global_batch_sequence(tokenizer):
+    """Process p of 2 gets rows [4p, 4p + 4) of the 1-process batch of 8, also with worker
+    processes; a state saved under 2 processes resumes the sequence in 1."""
+    config = _config()
+    expected = _take(_pipeline(config, tokenizer), 4)
+    halves = [_pipeline(config, tokenizer, process_index=p, process_count=2) for p in (0, 1)]
+    _assert_same([_concat(rows) for rows in zip(*(_take(it, 2) for it in halves))], expected[:2])
+    one = _pipeline(config, tokenizer)
+    one.set_state(halves[1].get_state())
+    _assert_same(_take(one, 2), expected[2:])
+    config.data.workers = 2
+    workers = _pipeline(config, tokenizer, process_index=1, process_count=2)
+    _assert_same(_take(workers, 4), [_rows(b, slice(4, 8)) for b in expected])
+    workers.close()
