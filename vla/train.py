@@ -15,6 +15,7 @@ Inf loss or gradient (raises FloatingPointError naming the step, without saving 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -336,11 +337,26 @@ def write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train(config, workdir: str, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
-    """Trains to config.total_steps (or until SIGTERM); returns the last logged metrics."""
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop needs, built by `prepare` (state restored when resuming)."""
+
+    data: Any
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    graphdef: Any
+    state: State
+    train_step: Callable
+    ckpt: Checkpointer
+    metadata: dict
+    start: int
+
+
+def prepare(config, workdir: str) -> Run:
+    """Validates the config, opens the data, builds the mesh and the directly sharded state
+    (from init_from or the newest checkpoint in workdir) and jits the train step."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    chief = jax.process_index() == 0
     data = pipeline_lib.make_pipeline(config, "train")
     validate_data(config, data.tokenizer.vocab_size)
     # FAST action targets (π0.5) get ids the tokenizer reserves; the action expert must not see them.
@@ -370,20 +386,27 @@ def train(config, workdir: str, eval_hooks: Sequence[EvalHook] = ()) -> dict[str
         metadata = dict(config=json.loads(config.to_json_best_effort()), sources=data.names,
                         tokenizer=os.path.abspath(data.tokenizer.path),
                         tokenizer_vocab_size=data.tokenizer.vocab_size, stats=data.stats)
-        writer = MetricsWriter(workdir, chief, start)
-        evaluator = (Evaluator(config, graphdef, mesh, pipeline_lib.make_pipeline(config, "heldout"),
-                               eval_hooks) if config.eval_batches else None)
         # Pinned output shardings: the state keeps its layout step after step, and the metrics
         # are replicated so every process can read them.
         replicated = NamedSharding(mesh, PartitionSpec())
         train_step = jax.jit(make_train_step(config, graphdef, tx, len(data.names)), donate_argnums=0,
                              out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated))
+    return Run(data, mesh, rules, graphdef, state, train_step, ckpt, metadata, start)
+
+
+def train(config, workdir: str, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
+    """Trains to config.total_steps (or until SIGTERM); returns the last logged metrics."""
+    run = prepare(config, workdir)
+    writer = MetricsWriter(workdir, jax.process_index() == 0, run.start)
+    with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
+        evaluator = (Evaluator(config, run.graphdef, run.mesh, pipeline_lib.make_pipeline(config, "heldout"),
+                               eval_hooks) if config.eval_batches else None)
         try:
-            return _loop(config, workdir, state, data, train_step, evaluator, ckpt, writer,
-                         metadata, start, mesh)
+            return _loop(config, workdir, run.state, run.data, run.train_step, evaluator, run.ckpt, writer,
+                         run.metadata, run.start, run.mesh)
         finally:
-            ckpt.wait()
-            ckpt.close()
+            run.ckpt.wait()
+            run.ckpt.close()
             writer.close()
 
 
