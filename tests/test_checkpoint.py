@@ -68,7 +68,7 @@ def _start(workdir: str, root: str, cache: str) -> subprocess.Popen:
                             text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -87,7 +87,7 @@ def _final_state(workdir: str) -> dict:
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))
 
 
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, f"trainer exited before {what}: {proc.communicate()[0][-3000:]}"

@@ -91,7 +91,7 @@ def test_realtime_verdict_flips_with_control_rate_and_steps_executed():
 
 def _tradeoffs(*args: str) -> str:
     return subprocess.run([sys.executable, "-m", "tools.tradeoffs", *args], check=True, capture_output=True,
-                          text=True, timeout=120).stdout
+                          text=True, timeout=600).stdout
 
 
 def test_tradeoffs_json_on_pi0():
