@@ -85,8 +85,7 @@ def test_actions_see_the_prefix_and_prompt_ignores_targets(setup):
 def test_cached_sampling_equals_uncached_forward(setup):
     model, batch, _, _ = setup
     noise = jax.random.normal(jax.random.key(5), batch["actions"].shape)
-    sample = nnx.jit(lambda m, b, n: m.sample_actions(b, n, num_steps=4), static_argnums=())
-    cached = sample(model, batch, noise)
+    cached = nnx.jit(lambda m, b, n: m.sample_actions(b, n, num_steps=4))(model, batch, noise)
     uncached = nnx.jit(lambda m, b, n: m.sample_actions(b, n, num_steps=4, use_cache=False))(model, batch, noise)
     assert np.abs(cached - noise).max() > 1e-2
     np.testing.assert_allclose(cached, uncached, atol=1e-5)
