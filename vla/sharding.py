@@ -6,40 +6,71 @@ boundaries through `constrain`, which does nothing when no mesh is active.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Multislice: how many slices (TPU slices joined over the data-center network) each axis spans.
+DCN_AXES = tuple(f"dcn_{name}" for name in MESH_AXES)
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
-def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """Builds a (data, fsdp, tensor) mesh; one size may be -1 (fills the remaining devices).
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[list[int], list[int]]:
+    """(per-slice sizes, slice counts) of the (data, fsdp, tensor) axes for `num_devices` devices.
 
-    Axes are Auto so XLA propagates shardings from parameters and constraints.
+    `axis_sizes` names any of MESH_AXES (sizes within a slice; one may be -1 to fill the slice)
+    and DCN_AXES (how many slices each axis spans, default 1; their product is the slice count).
     """
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
-    unknown = set(axis_sizes) - set(MESH_AXES)
+    unknown = set(axis_sizes) - set(MESH_AXES) - set(DCN_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES + DCN_AXES}")
+    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    dcn = [int(axis_sizes.get(name, 1)) for name in DCN_AXES]
+    if min(dcn) < 1:
+        raise ValueError(f"mesh {DCN_AXES} must be >= 1 (no -1), got {dict(zip(DCN_AXES, dcn))}")
+    slices = math.prod(dcn)
+    if num_devices % slices:
+        raise ValueError(f"{num_devices} devices do not split into {slices} slices ({dict(zip(DCN_AXES, dcn))})")
+    per_slice = num_devices // slices
+    shown = dict(zip(MESH_AXES, sizes)) | ({} if slices == 1 else {"slices": slices})
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"at most one mesh axis may be -1, got {shown}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+        if per_slice % known:
+            raise ValueError(f"{num_devices} devices do not divide into mesh {shown}")
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
+        raise ValueError(f"mesh {shown} needs {math.prod(sizes) * slices} devices, have {num_devices}")
+    return sizes, dcn
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """Builds a (data, fsdp, tensor) mesh from `mesh_shape`'s sizes.
+
+    Each axis has size (per-slice size x slices). Across slices the devices are grouped by
+    their TPU slice, or by process where devices carry no slice index (GPU nodes, CPU
+    processes), so that only the dcn_* axes cross the slow network. Axes are Auto so XLA
+    propagates shardings from parameters and constraints.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes, dcn = mesh_shape(axis_sizes, len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn) == 1:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    groups = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if groups != math.prod(dcn):
+        raise ValueError(f"mesh {dict(zip(DCN_AXES, dcn))} spans {math.prod(dcn)} slices, but the devices "
+                         f"form {groups} {'slices' if by_slice else 'processes'}")
+    grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=not by_slice)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:

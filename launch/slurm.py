@@ -1,0 +1,123 @@
+r"""Training on a GPU cluster with SLURM: writes an sbatch script and submits it.
+
+    python -m launch.slurm --config configs/FILE.py[:arg] --workdir /shared/DIR \
+        [--nodes N] [--gpus-per-node 8] [--per-gpu] [--time 24:00:00] [--partition P] \
+        [--account A] [--env KEY=VALUE ...] [--config.key=value ...] [--dry-run]
+
+Run it from the checkout on the cluster's shared filesystem. The script (WORKDIR/slurm/train.sbatch)
+installs this checkout with the CUDA extra into a virtual environment (--venv, created once),
+sets JAX_COORDINATOR_ADDRESS (the first node), JAX_NUM_PROCESSES (SLURM_NTASKS) and, in each
+task, JAX_PROCESS_ID (SLURM_PROCID) for jax.distributed, then starts one trainer per node (or,
+with --per-gpu, one per GPU, each seeing its own GPU through JAX_LOCAL_DEVICE_IDS). The mesh is
+sized to nodes x GPUs with explicit --config.mesh.* overrides. --dry-run prints the script and
+the sbatch command instead.
+
+Failures: srun --kill-on-bad-exit ends every task when one fails. SLURM's SIGTERM (preemption,
+scancel, or --signal 2 minutes before the time limit) makes every process save at the same step
+and exit; the job is requeued on preemption, and submitting the same command again resumes from
+the latest checkpoint. Logs: WORKDIR/logs/slurm-<job id>.out.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from launch import common
+
+
+def script(*, job_name: str, nodes: int, gpus_per_node: int, per_gpu: bool, trainer: Sequence[str],
+           workdir: str, venv: str, time_limit: str, env: Mapping[str, str], partition: str | None = None,
+           account: str | None = None, command: str = "") -> str:
+    """The sbatch script; `trainer` is the trainer's own flags (--config ... --workdir ...)."""
+    tasks = gpus_per_node if per_gpu else 1
+    options = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
+               f"--gpus-per-node={gpus_per_node}", f"--time={time_limit}",
+               f"--output={workdir}/logs/slurm-%j.out", "--open-mode=append",
+               "--signal=TERM@120", "--requeue"]
+    options += [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
+    process_env = "JAX_PROCESS_ID=$SLURM_PROCID" + (" JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID" if per_gpu else "")
+    python = f"{venv}/bin/python"
+    run = shlex.join([python, "-m", common.TRAINER_MODULE, *trainer])
+    lines = ["#!/bin/bash", f"# Written by: {command}" if command else "# Written by launch.slurm",
+             *(f"#SBATCH {o}" for o in options),
+             "set -euo pipefail",
+             'cd "$SLURM_SUBMIT_DIR"',
+             "# This checkout with the CUDA extra, in a virtual environment on the shared filesystem.",
+             f"[ -x {python} ] || python3 -m venv {venv}",
+             f"{python} -m pip install -q -e '.[cuda]'",
+             *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+             "# jax.distributed from SLURM's variables: the first node coordinates; one process per task.",
+             ('export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+              ':$((20000 + SLURM_JOB_ID % 20000))"'),
+             'export JAX_NUM_PROCESSES="$SLURM_NTASKS"',
+             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(f'{process_env} exec {run}')}"]
+    return "\n".join(lines) + "\n"
+
+
+def script_path(workdir: str) -> str:
+    return os.path.join(workdir, "slurm", "train.sbatch")
+
+
+def submit(text: str, workdir: str) -> str:
+    """Writes the script, submits it from this checkout; returns SLURM's job id."""
+    path = script_path(workdir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)  # SLURM does not create it
+    with open(path, "w") as f:
+        f.write(text)
+    proc = subprocess.run(["sbatch", "--parsable", path], check=False, cwd=common.REPO,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"sbatch {path} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    del argv
+    f = flags.FLAGS
+    config, spec = f.config, common.repo_relative(config_flags.get_config_filename(f["config"]))
+    gpus = f["gpus-per-node"].value
+    slices = common.slices(config.mesh)  # multi-node meshes may put a dcn_* axis across processes
+    mesh = common.mesh_overrides(config.mesh, f.nodes * gpus // slices, slices)
+    config.update_from_flattened_dict(mesh)
+    keys = [k for k in config_flags.get_override_values(f["config"]) if k not in mesh] + list(mesh)
+    workdir = os.path.abspath(f.workdir)
+    text = script(job_name=f["job-name"].value or os.path.basename(workdir.rstrip("/")), nodes=f.nodes,
+                  gpus_per_node=gpus, per_gpu=f["per-gpu"].value,
+                  trainer=common.trainer_flags(spec, workdir, common.override_flags(config, keys)),
+                  workdir=workdir, venv=f.venv, time_limit=f.time, env=dict(e.split("=", 1) for e in f.env),
+                  partition=f.partition, account=f.account,
+                  command=shlex.join(["python", "-m", "launch.slurm",
+                                      *(a for a in sys.argv[1:] if a.lstrip("-") not in ("dry-run", "nodry-run"))]))
+    if f["dry-run"].value:
+        print(f"# {script_path(workdir)}\n{text}$ sbatch --parsable {script_path(workdir)}")
+        return
+    job = submit(text, workdir)
+    print(f"submitted job {job}: {script_path(workdir)}\n"
+          + common.where(workdir, int(config.total_steps), os.path.join(workdir, "logs", f"slurm-{job}.out")))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The run's directory on the shared filesystem.")
+    flags.DEFINE_integer("nodes", 1, "Nodes.")
+    flags.DEFINE_integer("gpus-per-node", 8, "GPUs on each node.")
+    flags.DEFINE_bool("per-gpu", False, "One process per GPU instead of one per node.")
+    flags.DEFINE_string("time", "24:00:00", "Time limit; SIGTERM (save and exit) 2 minutes before.")
+    flags.DEFINE_string("partition", None, "SLURM partition.")
+    flags.DEFINE_string("account", None, "SLURM account.")
+    flags.DEFINE_string("job-name", None, "Job name (default: the workdir's name).")
+    flags.DEFINE_string("venv", ".venv-cuda", "Virtual environment with the CUDA extra (relative to the checkout).")
+    flags.DEFINE_multi_string("env", [], "KEY=VALUE exported for every task.")
+    flags.DEFINE_bool("dry-run", False, "Print the script and the sbatch command instead of submitting.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(common.usage_errors(main))

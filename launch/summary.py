@@ -1,0 +1,166 @@
+r"""A sweep's results in one table (CSV and Markdown) and one plot against the swept knob.
+
+    python -m launch.summary --root runs/sweep [--x knobs.context_frames] \
+        [--metrics 'loss,eval/action_mae/*'] [--chip h100]
+
+One row per run of ROOT/manifest.json: its swept values, status and last step, its final metrics
+(the last value of each metric in WORKDIR/metrics.jsonl whose name matches a --metrics pattern),
+and the cost model's view of its config (vla.cost): parameters, the inference latency bound of
+an action chunk on --chip, and whether that fits the real-time budget of its control rate.
+Writes ROOT/summary.csv, ROOT/summary.md and ROOT/summary.png: one panel per metric against the
+--x knob (default: the first swept key that varies), one line per combination of the others.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from launch import common
+
+DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "examples_per_s")
+
+
+def final_metrics(workdir: str) -> dict[str, float]:
+    """The last logged value of every metric, and the last logged step."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    out: dict[str, float] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    out.update(json.loads(line))
+    return out
+
+
+def table(manifest: dict[str, Any], patterns: Sequence[str], chip_name: str) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a sweep manifest."""
+    from ml_collections import ConfigDict
+
+    from vla import cost
+
+    chip = cost.get_chip(chip_name)
+    runs = manifest["runs"]
+    keys = list(dict.fromkeys(k for r in runs for k in r["overrides"]))
+    finals = [final_metrics(r["workdir"]) for r in runs]
+    logged = list(dict.fromkeys(k for m in finals for k in m))
+    metrics = list(dict.fromkeys(k for p in patterns for k in logged if fnmatch.fnmatchcase(k, p)))
+    latency = f"chunk_ms_{chip_name}"
+    rows = []
+    for run, final in zip(runs, finals):
+        r = cost.report(ConfigDict(run["config"]), chip, chip_name)
+        row = {"run": run["name"], "status": run["status"], "step": final.get("step"),
+               **{k: run["overrides"].get(k) for k in keys}, **{m: final.get(m) for m in metrics},
+               "params": r["params"]["total"], latency: r["latency"]["chunk_s"] * 1e3,
+               "realtime": "yes" if r["realtime"]["fits"] else "no"}
+        rows.append(row)
+    return ["run", "status", "step", *keys, *metrics, "params", latency, "realtime"], rows
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_text(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, rows: Sequence[dict], x: str, series: Sequence[str], panels: Sequence[str]) -> None:
+    """One panel per column in `panels` against x; one line per combination of `series` values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    values = list(dict.fromkeys(r[x] for r in rows))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    position = {v: (v if numeric else i) for i, v in enumerate(values)}
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in series) or "all", []).append(r)
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for label, members in groups.items():
+            points = sorted((position[r[x]], r[panel]) for r in members if isinstance(r.get(panel), (int, float)))
+            if points:
+                ax.plot(*zip(*points), "o-", label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(x)
+        ax.set_xticks(list(position.values()), [str(v) for v in values])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(root: str, x: str | None = None, patterns: Sequence[str] = DEFAULT_METRICS,
+          chip: str = "h100") -> dict[str, str]:
+    """Writes ROOT/summary.{csv,md,png}; returns their paths. The plot shows the finished runs."""
+    from launch.sweep import informative_keys
+
+    path = os.path.join(root, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: run launch.sweep with --root {root} first")
+    with open(path) as f:
+        manifest = json.load(f)
+    columns, rows = table(manifest, patterns, chip)
+    keys = list(dict.fromkeys(k for r in manifest["runs"] for k in r["overrides"]))
+    shown = [r for r in rows if r["status"] == "finished"] or rows
+    varying = [k for k in informative_keys([{k: r[k] for k in keys} for r in shown])
+               if len({repr(r[k]) for r in shown}) > 1]
+    x = x or (varying[0] if varying else keys[0] if keys else None)
+    if x not in keys:
+        raise ValueError(f"--x={x!r} is not a swept key; swept: {keys}")
+    paths = {kind: os.path.join(root, f"summary.{kind}") for kind in ("csv", "md", "png")}
+    write_csv(paths["csv"], columns, rows)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(columns, rows))
+    panels = [c for c in columns[3 + len(keys):] if any(isinstance(r.get(c), (int, float)) for r in shown)]
+    plot(paths["png"], shown, x, [k for k in varying if k != x], panels)
+    return paths
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    paths = write(f.root, f.x, [p.strip() for p in f.metrics.split(",") if p.strip()], f.chip)
+    with open(paths["md"]) as md:
+        print(md.read())
+    print("\n".join(paths.values()))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("root", None, "Sweep directory (with manifest.json).")
+    flags.DEFINE_string("x", None, "Swept key on the plot's x axis (default: the first that varies).")
+    flags.DEFINE_string("metrics", ",".join(DEFAULT_METRICS), "Comma-separated metric name patterns (fnmatch).")
+    flags.DEFINE_string("chip", "h100", "Chip for the cost model's latency column (vla.cost.CHIPS or cpu).")
+    flags.mark_flag_as_required("root")
+    app.run(common.usage_errors(main))
