@@ -397,6 +397,9 @@ def prepare(config, workdir: str) -> Run:
 def train(config, workdir: str, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
     """Trains to config.total_steps (or until SIGTERM); returns the last logged metrics."""
     run = prepare(config, workdir)
+    if config.sim_eval.tasks:  # closed-loop Meta-World success rates; imports MuJoCo only when on
+        from vla import sim_eval
+        eval_hooks = (*eval_hooks, sim_eval.make_hook(config, run.metadata, os.path.join(workdir, "sim_eval")))
     writer = MetricsWriter(workdir, jax.process_index() == 0, run.start)
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
         evaluator = (Evaluator(config, run.graphdef, run.mesh, pipeline_lib.make_pipeline(config, "heldout"),

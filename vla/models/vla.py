@@ -266,12 +266,22 @@ class VLA(nnx.Module):
         return out, kv
 
     def sample_actions(self, batch: Batch, noise: jax.Array | None = None, rng: jax.Array | None = None,
-                       num_steps: int = 10, use_cache: bool = True) -> jax.Array:
+                       num_steps: int = 10, use_cache: bool = True, guide_actions: jax.Array | None = None,
+                       guide_weights: jax.Array | None = None, max_guidance: float = 5.0) -> jax.Array:
         """Action chunk [B, H, A] (normalized space) by `num_steps` Euler steps from t=1 to t=0.
 
         The prefix (images, prompt, any known text targets such as a decoded subtask) is encoded once
         into a KV cache and each flow step runs only the action expert. use_cache=False runs the
         full joint forward at every step instead (the reference the cache is tested against).
+
+        Guided sampling (real-time chunking's training-free inpainting, Black et al. 2025, ΠGDM):
+        with guide_actions [B, H, A] and guide_weights [B, H] (or [B, H, A]) in [0, 1], every step
+        pulls the denoised estimate a_hat(x) = x - t * v(x, t) toward the guide on weighted steps:
+            g = (d a_hat / d x)^T [(guide - a_hat) * W],   v_guided = v - c * g,
+            c = min(max_guidance, (1 - τ) / (τ r²)),  r² = (1 - τ)² / (τ² + (1 - τ)²),  τ = 1 - t.
+        In the paper's time τ (0 = noise) and velocity -v the guided step is v_paper + c * g, so
+        here it is v - c * g (dt < 0). The vector-Jacobian product runs through the action expert
+        only (the cached prefix is a constant). All-zero weights give unguided sampling.
         """
         cfg = self.cfg
         b = batch["tokens"].shape[0]
@@ -279,6 +289,18 @@ class VLA(nnx.Module):
             if rng is None:
                 raise ValueError("sample_actions needs noise or an rng")
             noise = jax.random.normal(rng, (b, cfg.action_horizon, cfg.action_dim), jnp.float32)
+        if (guide_actions is None) != (guide_weights is None):
+            raise ValueError("guided sampling needs both guide_actions and guide_weights (or neither)")
+        if guide_actions is not None:
+            guide = jnp.asarray(guide_actions, jnp.float32)
+            weights = jnp.asarray(guide_weights, jnp.float32)
+            if guide.shape != noise.shape:
+                raise ValueError(f"guide_actions has shape {guide.shape}, expected the chunk shape {noise.shape}")
+            if weights.shape == noise.shape[:2]:
+                weights = weights[..., None]
+            elif weights.shape != noise.shape:
+                raise ValueError(f"guide_weights has shape {weights.shape}, expected {noise.shape[:2]} "
+                                 f"or {noise.shape}")
         prefix = self.embed_prefix(batch)
         state, dt = batch["state"], -1.0 / num_steps
 
@@ -300,8 +322,24 @@ class VLA(nnx.Module):
             def velocity(x, t):
                 return self._velocity(self._joint(prefix, self.embed_suffix(state, x, jnp.full((b,), t)))[1])
 
+        if guide_actions is not None:
+
+            def guided_velocity(x, t):
+                def denoise(x):
+                    v = velocity(x, t)
+                    return x - t * v, v
+
+                a_hat, vjp, v = jax.vjp(denoise, x, has_aux=True)
+                (g,) = vjp((guide - a_hat) * weights)
+                tau = 1.0 - t
+                # (1 - τ) / (τ r²) = (τ² + (1 - τ)²) / (τ (1 - τ)); infinite at τ = 0 (t = 1): clipped.
+                c = jnp.minimum(max_guidance, (tau ** 2 + t ** 2) / jnp.maximum(tau * t, 1e-12))
+                return v - c * g
+
+        flow = velocity if guide_actions is None else guided_velocity
+
         def step(i, x):
-            return x + dt * velocity(x, 1.0 + i * dt)
+            return x + dt * flow(x, 1.0 + i * dt)
 
         return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 

@@ -1,0 +1,376 @@
+"""Deployment bundles: one trained checkpoint as a self-describing directory.
+
+    python -m tools.export --workdir DIR [--step N] --out BUNDLE   (tools/export.py)
+
+Layout of BUNDLE/:
+
+    params/                  Orbax PyTree checkpoint of the parameters (the EMA when the run kept
+                             one), cast to metadata["dtype"]: a nested dict with string keys
+                             ({"decoder": {"experts": {"0": {...}}}, "vit": {...}, ...})
+    config.json              the run's resolved config (model.param_dtype = the bundle's dtype)
+    metadata.json            `describe` (what a client needs: cameras, image size, native state
+                             and action dims, horizon, control rate, normalization statistics,
+                             ...) plus step, data mixture, code version, dtypes and `signature`
+    tokenizer.model          the SentencePiece model the prompts were tokenized with
+    datasets/<source>/fast/h{H}_{hz}hz/
+                             the FAST tokenizer of every robot source (π0.5 runs trained on FAST
+                             action targets only; data/fast_targets.load reads it from here)
+    inference.jax_export     jax.export of sample(params, batch, noise) -> actions: fixed batch
+                             size (metadata["batch_size"]) and shapes, lowered for
+                             metadata["platforms"], callable without the model code
+
+The exported function, as metadata["signature"] states it:
+
+    params   the params/ tree, restored as is (`read_params`)
+    batch    {"images": {cam: uint8 [B, T, S, S, 3]}, "image_mask": bool [B, C],
+              "frame_mask": bool [B, C, T], "tokens": int32 [B, L], "token_mask": bool [B, L],
+              "target_mask": bool [B, L], "state": f32 [B, S_model]}   (the batch contract:
+              state normalized and padded, tokens as data/prompt.build_tokens lays them out;
+              vla.policy.Policy.batch builds it from an observation, a π0.5 subtask included)
+    noise    f32 [B, H, A_model]     the flow sampler's starting point (standard normal)
+    returns  f32 [B, H, A_model]     normalized actions; the first action_dim dims are the
+                                     robot's, unnormalize them with stats[source]["actions"]
+
+A runtime with only jax and orbax:
+
+    exported = jax.export.deserialize(bytearray(open(f"{BUNDLE}/inference.jax_export", "rb").read()))
+    actions = exported.call(read_params(BUNDLE), batch, noise)
+
+vla.policy.Policy does all of the above from raw observations (and more: subtasks, FAST actions,
+real-time chunking), with the model code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from data import sources as sources_lib
+from vla.models.vla import VLA, VLAConfig, action_horizon
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
+TOKENIZER_FILE = "tokenizer.model"
+DATASETS_DIR = "datasets"
+EXPORT_FILE = "inference.jax_export"
+DTYPES = ("float32", "bfloat16")
+# A loose bound for servers to refuse huge prompts early; the policy checks the exact token count.
+MAX_PROMPT_CHARS_PER_TOKEN = 16
+# The batch keys the action sampler reads (the training-only ones are left out of the signature).
+SAMPLE_KEYS = ("images", "image_mask", "frame_mask", "tokens", "token_mask", "target_mask", "state")
+
+Params = Any
+Sampler = Callable[[Params, dict, jax.Array], jax.Array]
+
+
+# ------------------------------------------------------------------------------- the model
+
+def abstract_model(config) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, pure parameter dict of ShapeDtypeStructs) of the config's model; nothing allocated."""
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: VLA(VLAConfig.from_config(config), rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def action_sampler(graphdef: nnx.GraphDef, flow_steps: int) -> Sampler:
+    """sample(params, batch, noise[, guide, weights]) -> normalized actions f32 [B, H, A]: the
+    function the bundle exports (without guidance) and the Policy runs. params: the model's pure
+    dict (string or integer list keys); guide f32 [B, H, A] and weights f32 [B, H, A]: real-time
+    chunking's guided sampling (VLA.sample_actions)."""
+
+    def sample(params: Params, batch: dict, noise: jax.Array, guide: jax.Array | None = None,
+               weights: jax.Array | None = None) -> jax.Array:
+        model = nnx.merge(graphdef, nnx.restore_int_paths(params))
+        return model.sample_actions(batch, noise=noise, num_steps=flow_steps, guide_actions=guide,
+                                    guide_weights=weights)
+
+    return sample
+
+
+def string_keys(tree: Any) -> Any:
+    """A nested dict with every key a string (as Orbax stores it, so the exported function's
+    params tree is exactly what `read_params` restores)."""
+    if isinstance(tree, dict):
+        return {str(k): string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+# ------------------------------------------------------------------------------- description
+
+def robot_sources(config, stats: dict) -> list[str]:
+    """Sources with normalization statistics (the robot datasets), heaviest weight first."""
+    weights = {name: float(dict(src)["weight"]) for name, src in config.data.sources.items()}
+    return sorted(stats, key=lambda name: (-weights.get(name, 0.0), name))
+
+
+def uses_fast(config) -> bool:
+    """Whether the run's robot examples carried FAST action targets (what data/pipeline.py does)."""
+    return config.model.mode == "pi05" and bool(config.data.fast_targets)
+
+
+def describe(config, ckpt_metadata: dict, source: str | None = None) -> dict[str, Any]:
+    """What a policy of this run needs and a client may ask (JSON-able).
+
+    ckpt_metadata: the checkpoint metadata {sources, stats, tokenizer_vocab_size, ...};
+    source: the robot dataset whose normalization maps observations and actions (default: the
+    robot source of largest weight).
+    """
+    from data import rlds  # TFDS core, without TensorFlow
+
+    stats = ckpt_metadata["stats"]
+    robots = robot_sources(config, stats)
+    if not robots:
+        raise ValueError("the run has no robot source with normalization statistics: nothing to "
+                         "map states and actions with")
+    source = robots[0] if source is None else source
+    if source not in stats:
+        raise ValueError(f"unknown source {source!r}; robot sources of this run: {robots}")
+    m, k = config.model, config.knobs
+    pi05 = m.mode == "pi05"
+    if pi05 and not m.flow_loss_weight and not uses_fast(config):
+        raise ValueError("the model has no trained action head: flow_loss_weight is 0 and the run "
+                         "had no FAST action targets")
+    spec = rlds.get_spec(dict(config.data.sources[source])["spec"])
+    return {
+        "mode": m.mode, "cameras": list(m.cameras), "image_size": int(m.image_size),
+        "context_frames": int(k.context_frames), "context_stride_s": float(k.context_stride_s),
+        "state_dim": len(stats[source]["state"]["mean"]), "action_dim": len(stats[source]["actions"]["mean"]),
+        "model_state_dim": int(m.state_dim), "model_action_dim": int(m.action_dim),
+        "action_horizon": action_horizon(k.chunk_s, k.control_hz), "control_hz": float(k.control_hz),
+        "chunk_s": float(k.chunk_s), "steps_executed": int(k.steps_executed), "flow_steps": int(k.flow_steps),
+        "max_text_tokens": int(k.max_text_tokens),
+        "max_prompt_chars": MAX_PROMPT_CHARS_PER_TOKEN * int(k.max_text_tokens),
+        "source": source, "robot_sources": robots,
+        "normalization": str(config.data.normalization), "stats": stats,
+        "tokenizer_vocab_size": int(ckpt_metadata["tokenizer_vocab_size"]),
+        # π0.5 decodes a subtask first when its robot data taught one; stage 1 (no flow head)
+        # reads its actions from generated FAST tokens.
+        "subtask": bool(pi05 and m.text_loss_weight and spec.subtask_key),
+        "fast_targets": uses_fast(config),
+        "actions_from": "fast" if pi05 and not m.flow_loss_weight else "flow",
+    }
+
+
+def signature(config, batch_size: int) -> dict[str, Any]:
+    """The exported function's arguments and result: {"shape": [...], "dtype": str} leaves."""
+    layout = sources_lib.Layout.from_config(config)
+    leaf = lambda shape, dtype: {"shape": [batch_size, *shape], "dtype": str(np.dtype(dtype))}
+    spec = {k: leaf(*v) for k, v in layout.spec().items()}
+    batch = {"images": {c: spec.pop(f"images/{c}") for c in layout.cameras}}
+    batch.update({k: spec[k] for k in SAMPLE_KEYS if k != "images"})
+    actions = leaf((layout.horizon, layout.action_dim), np.float32)
+    return {"params": f"the {PARAMS_DIR}/ tree (Orbax), as restored", "batch": batch, "noise": actions,
+                "returns": actions}
+
+
+def abstract_args(sig: Any) -> Any:
+    """A signature's leaves -> jax.ShapeDtypeStruct."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x["shape"]), np.dtype(x["dtype"])), sig,
+                        is_leaf=lambda x: isinstance(x, dict) and set(x) == {"shape", "dtype"})
+
+
+# ------------------------------------------------------------------------------- reading a run
+
+class _RunCheckpoints:
+    """Read-only view of a training run's checkpoints: steps, metadata, one device's parameters."""
+
+    def __init__(self, workdir: str):
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"workdir {workdir} does not exist")
+        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: not a training run, "
+                                    f"or it never saved")
+        self._mngr = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            # The data-iterator item is never read; naming its handler keeps Orbax from warning.
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+        self.steps = sorted(self._mngr.all_steps())
+        if not self.steps:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+
+    def check_step(self, step: int | None) -> int:
+        if step is None:
+            return self.steps[-1]
+        if step not in self.steps:
+            raise ValueError(f"no checkpoint at step {step}; available steps: {self.steps}")
+        return step
+
+    def metadata(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+    def weights_key(self, step: int) -> str:
+        """"ema" when the state holds an EMA of the parameters, else "params"."""
+        tree = self._mngr.item_metadata(step)["state"]
+        return "ema" if "ema" in tree.tree else "params"
+
+    def restore(self, step: int, key: str, target: Any) -> Any:
+        """Only state[key], onto target's shapes, dtypes (cast while reading) and shardings."""
+        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            {key: target}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True)))
+        return restored["state"][key]
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+def data_root(config, ckpt_metadata: dict) -> str:
+    """config.data.root as the run saw it: the tokenizer path was stored absolute, so the root is
+    found even when data.root was relative to another working directory."""
+    tokenizer, relative = ckpt_metadata["tokenizer"], str(config.data.tokenizer)
+    if tokenizer.endswith(relative):
+        return tokenizer[:-len(relative)]
+    return str(config.data.root)
+
+
+def code_version() -> str | None:
+    """The git revision of this code, when it runs from a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ------------------------------------------------------------------------------- export
+
+def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", batch_size: int = 1,
+           overwrite: bool = False, platforms: tuple[str, ...] | None = None,
+           progress: Callable[[str], None] = print) -> str:
+    """Writes the bundle of `workdir`'s checkpoint at `step` (default: the newest) to `out`.
+
+    The parameters are restored onto one device whatever mesh saved them. platforms: what the
+    exported function is lowered for (default: this machine's backend), e.g. ("cpu", "cuda").
+    The bundle is written next to `out` and moved into place when complete. Returns `out`.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent}")
+
+    run = _RunCheckpoints(workdir)
+    try:
+        step = run.check_step(step)
+        ckpt_metadata = run.metadata(step)
+        config = ml_collections.ConfigDict(ckpt_metadata["config"])
+        config.model.param_dtype = dtype
+        description = describe(config, ckpt_metadata)
+        key = run.weights_key(step)
+        progress(f"restoring {key} of step {step} from {workdir} onto {jax.devices()[0]} as {dtype}")
+        graphdef, abstract = abstract_model(config)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=device),
+                              abstract)
+        params = string_keys(run.restore(step, key, target))
+    finally:
+        run.close()
+
+    staging = f"{out}.tmp-{os.getpid()}"  # beside `out`, so the final move is a rename
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        progress(f"writing parameters ({sum(x.size for x in jax.tree.leaves(params)):,} in {dtype})")
+        ocp.PyTreeCheckpointer().save(os.path.join(staging, PARAMS_DIR), params)
+        _copy_data_files(config, ckpt_metadata, description, staging)
+        platforms = tuple(platforms or (jax.default_backend(),))
+        progress(f"exporting the action sampler for {', '.join(platforms)} at batch size {batch_size}")
+        sig = signature(config, batch_size)
+        sampler = jax.jit(action_sampler(graphdef, int(config.knobs.flow_steps)))
+        exported = jax.export.export(sampler, platforms=platforms)(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+            abstract_args(sig["batch"]), abstract_args(sig["noise"]))
+        with open(os.path.join(staging, EXPORT_FILE), "wb") as f:
+            f.write(exported.serialize())
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        metadata = dict(
+            description, step=step, workdir=os.path.abspath(workdir), weights=key, dtype=dtype,
+            compute_dtype=str(config.model.compute_dtype), code_version=code_version(),
+            sources=list(ckpt_metadata["sources"]),
+            mixture={name: float(dict(src)["weight"]) for name, src in config.data.sources.items()},
+            batch_size=batch_size, platforms=list(platforms), signature=sig)
+        with open(os.path.join(staging, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"bundle written to {out}")
+    return out
+
+
+def _copy_data_files(config, ckpt_metadata: dict, description: dict, out: str) -> None:
+    """The tokenizer model and, for FAST-trained runs, every robot source's FAST tokenizer."""
+    from data import fast_targets
+
+    shutil.copyfile(ckpt_metadata["tokenizer"], os.path.join(out, TOKENIZER_FILE))
+    if not description["fast_targets"]:
+        return
+    root = data_root(config, ckpt_metadata)
+    h, hz = description["action_horizon"], description["control_hz"]
+    for name in description["robot_sources"]:
+        src = sources_lib.dataset_dir(root, dict(config.data.sources[name]))
+        fit = fast_targets.fit_dir(src, h, hz)
+        if not os.path.isfile(os.path.join(fit, fast_targets.META_FILE)):
+            raise FileNotFoundError(f"source {name!r}: the run trained on FAST targets but {fit} "
+                                    f"holds no FAST tokenizer")
+        shutil.copytree(fit, fast_targets.fit_dir(os.path.join(out, DATASETS_DIR, name), h, hz))
+
+
+# ------------------------------------------------------------------------------- reading a bundle
+
+def read_json(bundle: str, name: str) -> dict:
+    path = os.path.join(bundle, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{bundle} is not a bundle: it has no {name}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_config(bundle: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(read_json(bundle, CONFIG_FILE))
+
+
+def read_params(bundle: str, device: jax.Device | None = None) -> Params:
+    """The bundle's parameters on one device (default: the first), as the exported function takes them."""
+    path = os.path.join(os.path.abspath(bundle), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{bundle} is not a bundle: it has no {PARAMS_DIR}/")
+    checkpointer = ocp.PyTreeCheckpointer()
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+
+
+def read_exported(bundle: str) -> jax.export.Exported:
+    path = os.path.join(bundle, EXPORT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{bundle} is not a bundle: it has no {EXPORT_FILE}")
+    with open(path, "rb") as f:
+        return jax.export.deserialize(bytearray(f.read()))

@@ -1,0 +1,110 @@
+"""A small synchronous client of the policy server (vla/serve.py, docs/policy_protocol.md).
+
+    client = PolicyClient("127.0.0.1", 8000, token=None)
+    client.metadata                       # the policy metadata the server sent on connect
+    out = client.infer({"images": {...}, "state": ..., "prompt": "..."}, rng_seed=0)
+    out["actions"]                        # f32 [H, A_native]; out["server_timing"]["infer_ms"]
+    client.close()
+
+A refused request raises PolicyServerError with the server's message; the connection stays
+usable. infer() is one send and one receive, so timing it measures the round trip.
+
+Round-trip latency against a running server, with blank observations built from its metadata:
+
+    python -m vla.client [--host 127.0.0.1] [--port 8000] [--token T] [--n 100]
+"""
+import contextlib
+import os
+import time
+from typing import Any, Self
+
+import numpy as np
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from vla import msgpack_numpy
+
+
+class PolicyServerError(RuntimeError):
+    """The server answered with an error (its message is this exception's message), or refused us."""
+
+
+class PolicyClient:
+    """One websocket connection to a policy server; not thread-safe (one request at a time)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+                 open_timeout: float = 10.0) -> None:
+        self.uri = f"ws://{host}:{port}"
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        # connect() is a context manager (calling it bare is deprecated); this one lasts until close().
+        self._exit = contextlib.ExitStack()
+        try:
+            # No proxy: the policy server sits next to the robot; compression only costs latency.
+            self._ws: ClientConnection = self._exit.enter_context(connect(
+                self.uri, additional_headers=headers, compression=None, max_size=None, proxy=None,
+                open_timeout=open_timeout))
+        except InvalidStatus as e:
+            status = e.response.status_code
+            reason = (e.response.body or b"").decode(errors="replace").strip()
+            raise PolicyServerError(f"{self.uri} refused the connection (HTTP {status}): {reason}") from e
+        self._packer = msgpack_numpy.Packer()
+        self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv())
+
+    def infer(self, observation: dict, **options: Any) -> dict:
+        """observation {"images", "state", "prompt"} (+ options rng_seed, prefix_actions,
+        inference_delay) -> {"actions": f32 [H, A_native], "subtask", "infer_ms", "server_timing"}."""
+        self._ws.send(self._packer.pack({**observation, **options}))
+        reply = msgpack_numpy.unpackb(self._ws.recv())
+        if "error" in reply:
+            raise PolicyServerError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        self._exit.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def blank_observation(metadata: dict, prompt: str = "do the task") -> dict:
+    """A valid observation for a policy's metadata: black frames, zero state."""
+    size = metadata["image_size"]
+    return {"images": {cam: np.zeros((size, size, 3), np.uint8) for cam in metadata["cameras"]},
+            "state": np.zeros(metadata["state_dim"], np.float32), "prompt": prompt}
+
+
+def round_trips_ms(client: PolicyClient, n: int, observation: dict | None = None) -> np.ndarray:
+    """n timed infer() calls (after one untimed): round-trip milliseconds, float64 [n]."""
+    observation = observation or blank_observation(client.metadata)
+    client.infer(observation)
+    times = np.empty(n)
+    for i in range(n):
+        start = time.perf_counter()
+        client.infer(observation)
+        times[i] = (time.perf_counter() - start) * 1e3
+    return times
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    with PolicyClient(FLAGS.host, FLAGS.port, FLAGS.token) as client:
+        ms = round_trips_ms(client, FLAGS.n)
+    p50, p99 = np.percentile(ms, [50, 99])
+    print(f"{FLAGS.n} round trips to {client.uri}: median {p50:.2f} ms, p99 {p99:.2f} ms, max {ms.max():.2f} ms")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("host", "127.0.0.1", "Server address.")
+    flags.DEFINE_integer("port", 8000, "Server port.")
+    flags.DEFINE_string("token", os.environ.get("VLA_SERVE_TOKEN"), "Shared token, if the server wants one "
+                        "(default: $VLA_SERVE_TOKEN).")
+    flags.DEFINE_integer("n", 100, "Timed requests (after one warm-up request).")
+    app.run(main)
