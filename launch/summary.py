@@ -22,7 +22,8 @@ from typing import Any
 
 from launch import common
 
-DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "examples_per_s")
+# Closed-loop success (config.sim_eval) is listed when the runs logged it.
+DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "eval/sim/success", "examples_per_s")
 
 
 def final_metrics(workdir: str) -> dict[str, float]:
