@@ -57,6 +57,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from data import sources as sources_lib
+from vla.checkpoint import restore_state_entry
 from vla.models.vla import VLA, VLAConfig, action_horizon
 
 PARAMS_DIR = "params"
@@ -218,11 +219,7 @@ class _RunCheckpoints:
         return "ema" if "ema" in tree.tree else "params"
 
     def restore(self, step: int, key: str, target: Any) -> Any:
-        """Only state[key], onto target's shapes, dtypes (cast while reading) and shardings."""
-        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            {key: target}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(target)},
-            partial_restore=True)))
-        return restored["state"][key]
+        return restore_state_entry(self._mngr, step, key, target)
 
     def close(self) -> None:
         self._mngr.close()

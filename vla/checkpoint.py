@@ -61,10 +61,7 @@ class Checkpointer:
 
     def restore_params(self, step: int, target: Any) -> Any:
         """Only the parameters of `step` (to start another run from them), onto target's shardings."""
-        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            {"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-            partial_restore=True)))
-        return restored["state"]["params"]
+        return restore_state_entry(self._mngr, step, "params", target)
 
     def reached_preemption(self, step: int) -> bool:
         """True at the same step on every process once any was told to stop (multi-process runs;
@@ -77,6 +74,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def restore_state_entry(mngr: ocp.CheckpointManager, step: int, key: str, target: Any) -> Any:
+    """Only state[key] of `step` (e.g. "params" or "ema"), onto target's shapes, dtypes (cast while
+    reading) and shardings; the rest of the state is never read."""
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {key: target}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True)))
+    return restored["state"][key]
 
 
 def abstract_like(tree: Any) -> Any:
