@@ -36,7 +36,8 @@ setup(
         # Hugging Face weights: safetensors reads them; transformers + torch check the import against HF.
         "hf": ["safetensors", "transformers", "torch"],
         # torch pinned: this exact release has a CPU wheel here; an open range would pull CUDA builds.
-        "test": SIM + ["pytest", "pytest-xdist", "safetensors", "transformers", "torch==2.13.0"],
+        # ruff: the linter the test command runs first (rules in ruff.toml).
+        "test": SIM + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

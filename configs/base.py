@@ -1,15 +1,21 @@
-"""Shared structure of every run config: the top-level keys tools and launchers rely on.
+"""The config contract: the keys every run config has, so tools and launchers can rely on them.
 
-Run configs (demo.py, pi0.py, pi05.py) start from `base_config()` and override what differs,
-so every config has the same keys and an unknown override key is an error.
+Run configs (demo.py, pi0.py, pi05.py) start from `base_config()` and set their values; an
+unknown override key is an error. Values here are neutral defaults; a placeholder (None) is a
+value every run states itself, and configs/specs.py, the one reader of these keys, refuses a
+run that leaves one unset, naming it.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from vla.sharding import DEFAULT_RULES
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.batch_size = 32
-    c.total_steps = 2000
+    c.batch_size = placeholder(int)  # global
+    c.total_steps = placeholder(int)
     c.log_every = 50
     c.checkpoint_every = 500
     c.eval_every = 500
@@ -22,50 +28,48 @@ def base_config() -> ml_collections.ConfigDict:
     # The three knobs that trade against each other at inference time.
     c.knobs = ml_collections.ConfigDict()
     # Model size: named variants (see vla/models/variants.py).
-    c.knobs.vit = "tiny/8"
-    c.knobs.vlm = "gemma_tiny"
-    c.knobs.action_expert = "gemma_tiny_expert"
+    c.knobs.vit = placeholder(str)
+    c.knobs.vlm = placeholder(str)
+    c.knobs.action_expert = placeholder(str)
     # Context length: frames of history per camera (current frame last), their spacing in
     # seconds, tokens each past frame is pooled to, and the text token budget.
     c.knobs.context_frames = 1
     c.knobs.context_stride_s = 0.25
     c.knobs.past_frame_tokens = 4
-    c.knobs.max_text_tokens = 32
-    # Control frequency: robot control rate, chunk length in seconds (horizon = chunk_s * hz),
-    # actions executed per inference, Euler steps of the flow sampler.
-    c.knobs.control_hz = 20.0
-    c.knobs.chunk_s = 0.5
-    c.knobs.steps_executed = 5
+    c.knobs.max_text_tokens = placeholder(int)
+    # Control frequency: robot control rate, chunk length in seconds (the action horizon is
+    # configs.specs.action_horizon(chunk_s, control_hz)), actions executed per inference, Euler
+    # steps of the flow sampler.
+    c.knobs.control_hz = placeholder(float)
+    c.knobs.chunk_s = placeholder(float)
+    c.knobs.steps_executed = placeholder(int)
     c.knobs.flow_steps = 10
 
     # ---------------------------------------------------------------- model
     c.model = ml_collections.ConfigDict()
     c.model.mode = "pi0"  # "pi0": continuous state token; "pi05": state bins in prompt + adaRMS
-    c.model.image_size = 64
-    c.model.cameras = ("corner2",)
-    c.model.state_dim = 8  # padded proprio dim (Meta-World has 4)
-    c.model.action_dim = 4  # padded action dim
+    c.model.image_size = placeholder(int)
+    c.model.cameras = placeholder(tuple)  # camera names: the batch's images[cam] keys
+    c.model.state_dim = placeholder(int)  # padded proprio dim
+    c.model.action_dim = placeholder(int)  # padded action dim
     # Embedding rows: at least the tokenizer's vocab_size (text pieces + 1280 loc/state tokens + FAST).
-    c.model.vocab_size = 2048
+    c.model.vocab_size = placeholder(int)
     c.model.knowledge_insulation = False
-    # Text-target ids >= this are FAST action tokens, hidden from the action expert (π0.5 stage 1).
-    c.model.fast_token_start = ml_collections.config_dict.placeholder(int)
     c.model.flow_loss_weight = 1.0
     c.model.text_loss_weight = 1.0
     c.model.param_dtype = "float32"
-    c.model.compute_dtype = "float32"  # bf16 is not faster on CPU (FACTS.md)
+    c.model.compute_dtype = "float32"
     c.model.remat_policy = "nothing_saveable"
     c.model.scan_layers = True
 
     # ---------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
-    c.data.root = "runs/demo/data"  # tools.generate --out writes here
-    # Easy MT10 tasks whose goal is visible at 64² (reach-v3's goal is a 1-pixel dot there):
-    # the demo's closed-loop success is measured on these (BENCHMARKS.md).
-    c.data.tasks = ("button-press-topdown-v3", "drawer-open-v3", "drawer-close-v3")
-    c.data.episodes_per_task = 60
-    c.data.heldout_episodes_per_task = 4
-    c.data.render_cameras = ("corner2",)
+    c.data.root = placeholder(str)  # source paths are relative to it
+    # What tools.generate plays and renders (Meta-World scripted experts); () = nothing.
+    c.data.tasks = ()
+    c.data.episodes_per_task = 0
+    c.data.heldout_episodes_per_task = 0
+    c.data.render_cameras = ()
     c.data.tokenizer = "tokenizer.model"  # relative to data.root
     c.data.tokenizer_vocab_size = 512  # text pieces the generator's SentencePiece model learns
     c.data.normalization = "quantile"  # or "meanstd"
@@ -75,12 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.fast_vocab_size = 1024  # FAST BPE pieces (token ids appended after the text vocab)
     c.data.fast_scale = 10.0  # DCT coefficients are rounded to 1 / fast_scale
     c.data.fast_fit_chunks = 5000  # windows sampled from the train split to fit on
+    # The mixture: name -> dict(kind=robot|vl|video|tfds, path=..., weight=..., spec=... (robot:
+    # a data/rlds.py DatasetSpec name or fields), data_dir=..., fields=... (tfds)).
     c.data.sources = ml_collections.ConfigDict()
-    c.data.sources.metaworld = dict(kind="robot", path="metaworld_rlds", spec="metaworld", weight=0.8)
-    c.data.sources.scenes_vl = dict(kind="vl", path="scenes_vl", weight=0.1)
-    c.data.sources.rollout_video = dict(kind="video", path="rollout_video", weight=0.1)
-    c.data.workers = 0
-    c.data.prefetch = 2
+    c.data.workers = 0  # Grain worker processes; 0 reads in a thread
+    c.data.prefetch = 2  # batches read ahead
+    c.data.strict = False  # a bad record raises (naming dataset, episode, step) instead of skipping
 
     # ---------------------------------------------------------------- closed-loop evaluation
     # Meta-World success rates during training (vla/sim_eval.py, LeRobot's protocol), run by the
@@ -98,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- optimizer / mesh
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 100  # linear warmup, then cosine decay to lr * min_lr_ratio
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 1000  # linear warmup, then cosine decay to lr * min_lr_ratio
     c.optimizer.min_lr_ratio = 0.1
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
@@ -119,27 +123,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 1
     c.mesh.dcn_fsdp = 1
     c.mesh.dcn_tensor = 1
+    # Logical axis -> mesh axes (vla/sharding.py); its "batch" entry splits every batch.
     c.sharding_rules = DEFAULT_RULES
     return c
-
-
-
-# Logical axis -> mesh axes. Activations: batch over (data, fsdp); parameters: FSDP on embed,
-# tensor parallelism on heads/mlp/vocab.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", None),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("experts", None),
-    ("patch", None),
-    ("channels", None),
-    ("pos", None),
-    ("norm", None),
-)

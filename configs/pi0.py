@@ -3,11 +3,17 @@ gemma_300m action expert, continuous state token, action horizon 50, action dim 
 
 Commands:
     python -m tools.tradeoffs --config configs/pi0.py --json   # 3,238,048,528 parameters
-    python -m vla.train --config configs/pi0.py --workdir DIR --config.data.root=DATA
+    python -m vla.train --config configs/pi0.py --workdir DIR --config.data.root=DATA \
+        --config.data.sources.robot.spec=NAME
+
+Data: one robot dataset in RLDS at DATA/robot (data.sources.robot), read through the
+data/rlds.py DatasetSpec NAME, which maps its camera keys to base / left_wrist / right_wrist
+and names its state and action keys; stats.json beside it (python -m tools.stats).
 
 The knobs section below is the one to sweep: model size, context, control frequency.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.base import base_config
 
@@ -41,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.action_dim = 32
     c.model.vocab_size = PALIGEMMA_VOCAB
     c.model.compute_dtype = "bfloat16"
+
+    c.data.sources.robot = dict(kind="robot", path="robot", spec=placeholder(str), weight=1.0)
     c.mesh.data = 1
     c.mesh.fsdp = -1
     return c

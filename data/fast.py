@@ -15,9 +15,9 @@ seen while fitting still encode exactly, as UTF-8 byte tokens.
 Saved as a directory: bpe.model (the SentencePiece model) and fast.json (scale, vocab_size).
 
 Command line: fit on an .npy of normalized chunks [N, H, A] and print fast_report on held-out ones:
-    python -m data.fast chunks.npy --vocab-size 1024 --scale 10 --out runs/fast
+    python -m data.fast --chunks chunks.npy [--vocab_size 1024] [--scale 10] [--heldout 0.1] \
+        [--out runs/fast]
 """
-import argparse
 import io
 import json
 import os
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
+from absl import app, flags
 from scipy.fft import dct, idct
 
 _ALPHABET_START = 0x4E00
@@ -196,28 +197,42 @@ def fast_report(tokenizer: FastTokenizer, chunks: np.ndarray) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.fast",
-        description="Fit a FAST tokenizer; print compression and round-trip error as JSON.",
-    )
-    parser.add_argument("chunks", help=".npy file of normalized action chunks [N, H, A]")
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--scale", type=float, default=10.0)
-    parser.add_argument(
-        "--heldout", type=float, default=0.1, help="fraction of chunks (the last) not fit, reported"
-    )
-    parser.add_argument("--out", help="directory to save the fitted tokenizer in")
-    args = parser.parse_args(argv)
-    chunks = np.load(args.chunks)
-    n_fit = len(chunks) - max(1, round(args.heldout * len(chunks)))
-    tokenizer = fit(chunks[:n_fit], args.vocab_size, args.scale)
-    if args.out:
-        tokenizer.save(args.out)
-    report = fast_report(tokenizer, chunks[n_fit:])
+def fit_and_report(chunks_file: str, vocab_size: int = 1024, scale: float = 10.0, heldout: float = 0.1,
+                   out: str | None = None) -> dict:
+    """The command line's work: fits on an .npy of normalized chunks [N, H, A] less the last `heldout`
+    fraction (at least one chunk), saves the tokenizer in `out` if given, and returns fast_report
+    on the held-out chunks."""
+    chunks = np.load(chunks_file)
+    n_fit = len(chunks) - max(1, round(heldout * len(chunks)))
+    tokenizer = fit(chunks[:n_fit], vocab_size, scale)
+    if out:
+        tokenizer.save(out)
+    return fast_report(tokenizer, chunks[n_fit:])
+
+
+def main(argv: Sequence[str]) -> None:
+    """Fits a FAST tokenizer; prints compression and round-trip error on held-out chunks as JSON."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])}; give the chunks file with --chunks")
+    f = flags.FLAGS
+    report = fit_and_report(f.chunks, f.vocab_size, f.scale, f.heldout, f.out)
     print(json.dumps(report, indent=2))
-    return report
+
+
+def define_flags() -> None:
+    """The command line: python -m data.fast --help."""
+    flags.DEFINE_string("chunks", None, ".npy file of normalized action chunks, float [N, H, A] (required).")
+    flags.DEFINE_integer("vocab_size", 1024, "Exact vocabulary size of the fitted tokenizer; must exceed 1 unknown "
+                         "+ 256 byte pieces + one per distinct coefficient in the fitting chunks.")
+    flags.DEFINE_float("scale", 10.0, "DCT coefficients are multiplied by this before rounding to integers: "
+                       "larger keeps more precision and makes more tokens.")
+    flags.DEFINE_float("heldout", 0.1, "Fraction of the chunks (the last ones, at least one) left out of the fit "
+                       "and reported on.")
+    flags.DEFINE_string("out", None, "Directory to save the fitted tokenizer in (bpe.model, fast.json; default: "
+                        "not saved).")
+    flags.mark_flag_as_required("chunks")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -7,14 +7,14 @@ stored beside its normalization statistics, loaded only for the knobs they were 
                                chunks fit on, and fast_report (tokens per chunk, round-trip error)
 
 The chunks are exactly the pipeline's targets (`target_chunk`): the window's action chunk
-(data/windows.py) resampled to knobs.control_hz with H = round(chunk_s * control_hz), normalized
+(data/windows.py) resampled to the window's control rate and horizon H, normalized
 with the dataset's stats.json, steps past the episode end holding the last action. FAST decodes
 any token sequence into whatever [H, A] it is asked for, so a tokenizer fit at another horizon
 would decode into a wrong trajectory without complaint: fits are keyed by (H, rate) and `load`
 finds no other.
 
 Cost: a fit reads whole episodes (reading a step decodes its images), about
-WINDOWS_PER_EPISODE windows from each episode it reads, at most data.fast_fit_chunks windows.
+WINDOWS_PER_EPISODE windows from each episode it reads, at most DataSpec.fast.fit_chunks windows.
 """
 import dataclasses
 import json
@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data import fast, normalize, prompt, rlds, sources, stats, windows
+from data import fast, normalize, prompt, rlds, stats, windows
+from data.spec import DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
 
 FAST_DIR = "fast"
@@ -107,28 +108,26 @@ def sample_chunks(dataset: windows.RobotData, spec: windows.WindowSpec, hold_dim
     return np.stack(chunks)
 
 
-def fit_source(root: str, src: dict, config) -> dict:
-    """Fit, save and report the FAST tokenizer of one robot source at config's knobs.
+def fit_source(source: SourceSpec, data: DataSpec) -> dict:
+    """Fit, save and report the FAST tokenizer of one robot source at the data's window.
 
     Fit on the train split; fast_report on windows of the heldout split when the dataset has
     one (else on the fit sample). Returns the saved meta.json contents."""
-    d = config.data
-    ddir = sources.dataset_dir(root, src)
-    spec = windows.WindowSpec.from_config(config)
-    normalizer = normalize.normalizers(stats.load_stats(ddir), d.normalization)["actions"]
-    train = sources.robot_opener(root, src, "train")()
+    ddir, spec = data.dataset_dir(source), data.window
+    normalizer = normalize.normalizers(stats.load_stats(ddir), data.normalization)["actions"]
+    train = rlds.robot_opener(ddir, source.spec, "train")()
     sample = sample_chunks(train, spec, train.spec.gripper_dims, normalizer,
-                           int(d.fast_fit_chunks), int(config.seed), (rlds.CorruptRecordError,))
-    tokenizer = fast.fit(sample, int(d.fast_vocab_size), float(d.fast_scale))
-    if sources.has_split(root, src, "heldout"):
-        heldout = sources.robot_opener(root, src, "heldout")()
+                           data.fast.fit_chunks, data.seed, (rlds.CorruptRecordError,))
+    tokenizer = fast.fit(sample, data.fast.vocab_size, data.fast.scale)
+    if rlds.has_split(ddir, "heldout"):
+        heldout = rlds.robot_opener(ddir, source.spec, "heldout")()
         report_on, report_chunks = "heldout", sample_chunks(
-            heldout, spec, heldout.spec.gripper_dims, normalizer, REPORT_CHUNKS, int(config.seed),
+            heldout, spec, heldout.spec.gripper_dims, normalizer, REPORT_CHUNKS, data.seed,
             (rlds.CorruptRecordError,))
     else:
         report_on, report_chunks = "train (the fit sample)", sample
     meta = dict(horizon=spec.horizon, control_hz=spec.control_hz, action_dim=train.action_dim,
-                normalization=d.normalization, scale=tokenizer.scale,
+                normalization=data.normalization, scale=tokenizer.scale,
                 vocab_size=tokenizer.vocab_size, fit_chunks=len(sample), report_on=report_on,
                 report=fast.fast_report(tokenizer, report_chunks))
     path = fit_dir(ddir, spec.horizon, spec.control_hz)
@@ -140,10 +139,9 @@ def fit_source(root: str, src: dict, config) -> dict:
     return meta
 
 
-def fit_sources(root: str, config) -> dict[str, dict]:
-    """fit_source for every robot source of config.data.sources: {name: meta}."""
-    return {name: fit_source(root, dict(src), config)
-            for name, src in sorted(config.data.sources.items()) if dict(src)["kind"] == "robot"}
+def fit_sources(data: DataSpec) -> dict[str, dict]:
+    """fit_source for every robot source of the data: {name: meta}."""
+    return {source.name: fit_source(source, data) for source in data.robot_sources}
 
 
 def load(dataset_dir: str, horizon: int, control_hz: float, normalization: str) -> FastActions:
@@ -170,8 +168,7 @@ def load(dataset_dir: str, horizon: int, control_hz: float, normalization: str) 
                        int(meta["action_dim"]), float(meta["control_hz"]), normalization)
 
 
-def load_for_source(root: str, src: dict, config) -> FastActions:
-    """load() at config's knobs for a robot source of config.data.sources."""
-    spec = windows.WindowSpec.from_config(config)
-    return load(sources.dataset_dir(root, src), spec.horizon, spec.control_hz,
-                config.data.normalization)
+def load_for_source(source: SourceSpec, data: DataSpec) -> FastActions:
+    """load() at the data's window for one of its robot sources."""
+    return load(data.dataset_dir(source), data.window.horizon, data.window.control_hz,
+                data.normalization)

@@ -1,16 +1,17 @@
 """Generating the local training data: Meta-World expert episodes (RLDS), scene VL examples, videos.
 
-The command line is tools/generate.py. Writes under the output directory:
+The command line is tools/generate.py, which also ships the tokenizer, the statistics and the
+FAST fits (its `postprocess`). Writes under the output directory:
     metaworld_rlds/   RLDS episodes of the scripted experts; splits "train" and "heldout";
                       every step records its ground-truth subtask ("reach the button", ...)
     scenes_vl/        captions, VQA, detection and pointing on frames of the train episodes
     rollout_video/    narrated clips of expert, noisy, wrong-target and random rollouts
     tokenizer.model   SentencePiece model trained on all generated text (data.tokenizer)
     <source>/stats.json  normalization statistics of each robot source (data.stats)
-    <source>/fast/       the FAST action tokenizer at the config's knobs, when
-                         config.data.fast_targets (data.fast_targets)
+    <source>/fast/       the FAST action tokenizer at the run's window, when FAST targets
+                         are on (data.fast_targets)
 
-Every rollout has its own seed derived from (config.seed, task, stream, index), so the output
+Every rollout has its own seed derived from (spec.seed, task, stream, index), so the output
 is identical for any --processes. Failed expert episodes are dropped and counted.
 """
 from __future__ import annotations
@@ -28,10 +29,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import metaworld_env, rlds, scenes, video  # noqa: E402
+from data.spec import GenerationSpec  # noqa: E402
 from data.tfds_image_text import encode_text_example, text_features  # noqa: E402
 
 ROBOT_DIR, SCENES_DIR, VIDEO_DIR = "metaworld_rlds", "scenes_vl", "rollout_video"
@@ -76,17 +77,17 @@ def rollout_seed(base: int, task_index: int, stream: int, index: int) -> int:
     return int(np.random.SeedSequence([base, task_index, stream, index]).generate_state(1)[0])
 
 
-def plan(config: ConfigDict, video_rollouts_per_task: int) -> list[Job]:
+def plan(spec: GenerationSpec, video_rollouts_per_task: int) -> list[Job]:
     """All rollouts in output order: train episodes, heldout episodes, video rollouts."""
-    d, jobs = config.data, []
-    for split, stream, count in (("train", _TRAIN, d.episodes_per_task),
-                                 ("heldout", _HELDOUT, d.heldout_episodes_per_task)):
-        jobs += [Job(task, split, i, rollout_seed(config.seed, t, stream, i))
-                 for t, task in enumerate(d.tasks) for i in range(count)]
+    jobs = []
+    for split, stream, count in (("train", _TRAIN, spec.episodes_per_task),
+                                 ("heldout", _HELDOUT, spec.heldout_episodes_per_task)):
+        jobs += [Job(task, split, i, rollout_seed(spec.seed, t, stream, i))
+                 for t, task in enumerate(spec.tasks) for i in range(count)]
     non_expert = video.BEHAVIOURS[1:]
-    jobs += [Job(task, "video", i, rollout_seed(config.seed, t, _VIDEO, i),
+    jobs += [Job(task, "video", i, rollout_seed(spec.seed, t, _VIDEO, i),
                  non_expert[i % len(non_expert)])
-             for t, task in enumerate(d.tasks) for i in range(video_rollouts_per_task)]
+             for t, task in enumerate(spec.tasks) for i in range(video_rollouts_per_task)]
     return jobs
 
 
@@ -161,16 +162,15 @@ def _results(jobs: list[Job], settings: Settings, processes: int) -> Iterator[Re
     bar.close()
 
 
-def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool = False,
+def generate(spec: GenerationSpec, out: str, processes: int = 1, overwrite: bool = False,
              settings: Settings | None = None, video_rollouts_per_task: int | None = None
              ) -> dict[str, Any]:
     """Plays, renders and writes everything under `out` (see module docstring).
     Returns a summary: per task kept/dropped, example counts, texts, seconds."""
     start = time.time()
-    d = config.data
-    settings = settings or Settings(tuple(d.render_cameras), int(config.model.image_size))
+    settings = settings or Settings(spec.cameras, spec.image_size)
     if video_rollouts_per_task is None:
-        video_rollouts_per_task = max(1, d.episodes_per_task // 4)
+        video_rollouts_per_task = max(1, spec.episodes_per_task // 4)
     for sub in (ROBOT_DIR, SCENES_DIR, VIDEO_DIR):
         path = os.path.join(out, sub)
         if os.path.exists(path):
@@ -179,13 +179,13 @@ def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool =
             shutil.rmtree(path)
     os.makedirs(out, exist_ok=True)
 
-    jobs = plan(config, video_rollouts_per_task)
+    jobs = plan(spec, video_rollouts_per_task)
     results = _results(jobs, settings, processes)  # lazy: starts when the writer pulls
     kept, dropped = Counter(), Counter()
     lengths: dict[str, list[int]] = {"train": [], "heldout": []}
     scene_examples: list[dict[str, Any]] = []
     video_examples: list[dict[str, Any]] = []
-    texts: list[str] = [metaworld_env.instruction(t) for t in d.tasks]
+    texts: list[str] = [metaworld_env.instruction(t) for t in spec.tasks]
 
     def episodes(split: str, count: int) -> Iterable[dict[str, Any]]:
         # Streams straight from the workers into the writer; the side outputs are kept.
@@ -201,18 +201,18 @@ def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool =
             else:
                 dropped[r.job.task] += 1
 
-    n_tasks = len(d.tasks)
+    n_tasks = len(spec.tasks)
     with rlds.TfdsWriter() as writer:
         writer.write(
             os.path.join(out, ROBOT_DIR),
             rlds.robot_features(settings.cameras, settings.image_size, metaworld_env.STATE_DIM,
                                 metaworld_env.ACTION_DIM, subtasks=True),
-            {"train": episodes("train", n_tasks * d.episodes_per_task),
-             **({"heldout": episodes("heldout", n_tasks * d.heldout_episodes_per_task)}
-                if d.heldout_episodes_per_task else {})},
+            {"train": episodes("train", n_tasks * spec.episodes_per_task),
+             **({"heldout": episodes("heldout", n_tasks * spec.heldout_episodes_per_task)}
+                if spec.heldout_episodes_per_task else {})},
             # episode_lengths fills in while the splits stream; it is saved after them.
             {"control_hz": metaworld_env.CONTROL_HZ, "episode_lengths": lengths,
-             "tasks": list(d.tasks), "image_size": settings.image_size},
+             "tasks": list(spec.tasks), "image_size": settings.image_size},
             "Meta-World v3 scripted-expert episodes (LeRobot camera protocol), 80 Hz.")
         for r in results:  # the video rollouts
             video_examples.extend(r.video_examples)
@@ -226,19 +226,3 @@ def generate(config: ConfigDict, out: str, processes: int = 1, overwrite: bool =
     return {"kept": dict(kept), "dropped": dict(dropped), "scene_examples": len(scene_examples),
             "video_examples": len(video_examples), "texts": texts,
             "seconds": time.time() - start}
-
-
-def postprocess(out: str, config: ConfigDict, texts: list[str], tokenizer: bool = True,
-                stats: bool = True) -> None:
-    """Ships the tokenizer, the normalization statistics and (config.data.fast_targets) the
-    FAST action tokenizer, which is fit on normalized chunks, beside the data."""
-    if tokenizer:
-        from data.tokenizer import train_sentencepiece
-        train_sentencepiece(texts, os.path.join(out, "tokenizer.model"),
-                            config.data.tokenizer_vocab_size)
-    if stats:
-        from data import fast_targets
-        from data.stats import compute_stats
-        compute_stats(out, config)
-        if config.data.fast_targets:
-            fast_targets.fit_sources(out, config)

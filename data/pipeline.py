@@ -1,14 +1,14 @@
 """The training input pipeline: sources -> weighted mixture -> global batches -> this process's rows.
 
-    it = make_pipeline(config)               # split="train"; or "heldout"
+    it = make_pipeline(data, "train", process_index=i, process_count=n)   # data: DataSpec; or "heldout"
     batch = next(it)                          # dict of numpy arrays, the batch contract
     it.metrics()                              # {"data/skipped/<source>": n, ...}
-    element_spec(config)                      # global batch shapes, without opening data
+    element_spec(data)                        # global batch shapes, without opening data
     state = it.get_state(); it.set_state(s)   # JSON-able; grain.checkpoint handlers accept `it`
 
 The global batch sequence is a function of (seed, global batch size, sources and weights) only:
-not of the process count, nor of config.data.workers. It is decided on indices, which are cheap,
-and only then are examples read, which is the expensive part:
+not of the process count, nor of the number of reader workers. It is decided on indices, which
+are cheap, and only then are examples read, which is the expensive part:
 
     per source: MapDataset.range(n).shuffle(seed, reshuffled every epoch).repeat() -> (source, i)
     IterDataset.mix of those index streams by weight -> global batches of indices
@@ -21,7 +21,7 @@ The mixer's state is the position in every source's stream plus the mixer's own;
 under other weights therefore restores (each source continues where it was, new weights apply
 from then on), and it does not depend on P.
 
-Batches are read ahead in a thread, or with config.data.workers > 0 in worker processes (Grain
+Batches are read ahead in a thread, or with DataSpec.workers > 0 in worker processes (Grain
 mp_prefetch): each worker steps through the whole index stream and reads every workers-th batch,
 and Grain's round-robin over the workers restores the global order. The iterator state's shape
 depends on the number of workers, so a run resumes with the workers it saved with.
@@ -29,7 +29,7 @@ depends on the number of workers, so a run resumes with the workers it saved wit
 Bad data: reading an example that raises one of the bad-record errors (a CorruptRecordError
 from data/rlds.py, an undecodable image) moves on to the next index of the same source and
 counts the skip; the count travels inside the example (so it survives worker processes) and
-the iterator sums it per source over this process's rows. config.data.strict=True re-raises the
+the iterator sums it per source over this process's rows. DataSpec.strict (config.data.strict) re-raises the
 error instead, which names dataset, episode and step.
 
 The heldout split builds the same pipeline over the sources that have a "heldout" split (the
@@ -38,16 +38,18 @@ iterator always yields the same batches, so evaluations are comparable across st
 """
 import contextlib
 import functools
-import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 from PIL import UnidentifiedImageError
 
-from data import fast_targets
+from data import fast_targets, rlds
 from data import sources as sources_lib
+from data.layout import Layout
+from data.spec import KINDS, DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
 
 SPLITS = ("train", "heldout")
@@ -149,12 +151,12 @@ class Pipeline(grain.DatasetIterator):
     Attributes: names (sorted source names; batch["source"] indexes them), tokenizer,
     normalizers {source: {"state", "actions": Normalizer}} and stats {source: stats.json}
     for robot sources, fast {source: FastActions} for robot sources with FAST targets,
-    fast_token_start (first FAST id, for config.model.fast_token_start; None without FAST
+    fast_token_start (first FAST id, the model's VLAConfig.fast_token_start; None without FAST
     targets), batch_size (per process), layout (per-example shapes).
     """
 
     def __init__(self, inner: grain.DatasetIterator, names: list[str], batch_size: int,
-                 process_count: int, layout: sources_lib.Layout, tokenizer: Tokenizer | None = None,
+                 process_count: int, layout: Layout, tokenizer: Tokenizer | None = None,
                  stats: Mapping[str, dict] | None = None, normalizers: Mapping | None = None,
                  fast: Mapping[str, fast_targets.FastActions] | None = None):
         super().__init__(inner)
@@ -192,7 +194,7 @@ class Pipeline(grain.DatasetIterator):
         return batch_spec(self.layout, b)
 
 
-def batch_spec(layout: sources_lib.Layout, batch_size: int
+def batch_spec(layout: Layout, batch_size: int
                ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{key: (shape, dtype)} of a batch of `batch_size` ("images/<cam>" for images[cam])."""
     spec = {k: ((batch_size,) + shape, dtype) for k, (shape, dtype) in layout.spec().items()}
@@ -200,12 +202,12 @@ def batch_spec(layout: sources_lib.Layout, batch_size: int
     return spec
 
 
-def element_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shapes and dtypes of a GLOBAL batch of a config, without opening any data (model init)."""
-    return batch_spec(sources_lib.Layout.from_config(config), int(config.batch_size))
+def element_spec(data: DataSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of a GLOBAL batch of the data, without opening any of it (model init)."""
+    return batch_spec(data.layout, data.batch_size)
 
 
-def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: sources_lib.Layout,
+def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: Layout,
         *, seed: int, batch_size: int, process_index: int = 0, process_count: int = 1,
         workers: int = 0, prefetch: int = 2, strict: bool = False,
         errors: tuple[type[Exception], ...] = (), names: list[str] | None = None,
@@ -254,67 +256,58 @@ def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: source
 
 def bad_record_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mark a record as bad (skipped and counted, or raised if strict)."""
-    from data.rlds import CorruptRecordError
-
-    return (CorruptRecordError, UnidentifiedImageError)
+    return (rlds.CorruptRecordError, UnidentifiedImageError)
 
 
-def make_pipeline(config, split: str = "train", process_index: int | None = None,
-                  process_count: int | None = None, data_root: str | None = None) -> Pipeline:
-    """The pipeline of a config: every source of config.data.sources, mixed by weight.
+def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
+                  process_count: int) -> Pipeline:
+    """The pipeline of a run's data: every source, mixed by weight.
 
-    Everything that can be wrong with the config or the data files (unknown kind, missing path,
-    spec, statistics, tokenizer or FAST fit, shapes the data cannot serve) raises here, before
-    any batch.
-    Returns a Pipeline yielding per-process batches of batch_size // process_count.
+    Everything that can be wrong with the spec or the data files (unknown kind, missing path,
+    dataset spec, statistics, tokenizer or FAST fit, shapes the data cannot serve) raises here,
+    before any batch.
+    Returns a Pipeline yielding this process's rows of every global batch: batch_size //
+    process_count of them (the trainer passes jax.process_index() and jax.process_count()).
 
-    π0.5 with config.data.fast_targets: robot examples carry FAST action tokens, the text
-    tokenizer gets a FAST id range as large as the largest robot source's FAST vocabulary, and
-    pipeline.fast_token_start is its first id.
+    π0.5 with FAST targets (data.fast_targets): robot examples carry FAST action tokens, the
+    text tokenizer gets a FAST id range as large as the largest robot source's FAST
+    vocabulary, and pipeline.fast_token_start is its first id.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    root = data_root or config.data.root
-    cfg = {name: dict(src) for name, src in config.data.sources.items()}
     fast = {}
-    if config.model.mode == "pi05" and config.data.fast_targets:
-        for name, src in sorted(cfg.items()):
-            if src.get("kind") == "robot":
-                with _naming_source(name, src):
-                    fast[name] = fast_targets.load_for_source(root, src, config)
-    tokenizer = Tokenizer(os.path.join(root, config.data.tokenizer),
+    if data.fast_targets:
+        for source in data.robot_sources:
+            with _naming_source(source):
+                fast[source.name] = fast_targets.load_for_source(source, data)
+    tokenizer = Tokenizer(data.tokenizer_path(),
                           n_fast_tokens=max((f.vocab_size for f in fast.values()), default=0))
-    layout = sources_lib.Layout.from_config(config)
     built = {}
-    for name, src in sorted(cfg.items()):
-        with _naming_source(name, src):
-            # Heldout data exists for robot datasets; text datasets have only "train".
-            if (split != "train" and src.get("kind") in sources_lib.KINDS
-                    and not sources_lib.has_split(root, src, split)):
+    for source in data.sources:
+        with _naming_source(source):
+            # Heldout data exists for robot datasets; text datasets have only "train" (a
+            # registered TFDS dataset, data_dir set, is checked by TFDS itself when opened).
+            if (split != "train" and source.kind in KINDS and not source.data_dir
+                    and not rlds.has_split(data.dataset_dir(source), split)):
                 continue
-            built[name] = sources_lib.make_source(name, src, config, root, split, tokenizer,
-                                                  fast.get(name))
+            built[source.name] = sources_lib.make_source(source, data, split, tokenizer,
+                                                         fast.get(source.name))
     robot = {n: s for n, s in built.items() if isinstance(s, sources_lib.RobotSource)}
-    return mix(built, {n: float(cfg[n]["weight"]) for n in built}, layout, names=sorted(cfg),
-               seed=int(config.seed), batch_size=int(config.batch_size),
+    return mix(built, {n: data.source(n).weight for n in built}, data.layout, names=data.names,
+               seed=data.seed, batch_size=data.batch_size,
                process_index=process_index, process_count=process_count,
-               workers=int(config.data.workers), prefetch=int(config.data.prefetch),
-               strict=bool(config.data.get("strict", False)), errors=bad_record_errors(),
+               workers=data.workers, prefetch=data.prefetch, strict=data.strict,
+               errors=bad_record_errors(),
                tokenizer=tokenizer, stats={n: s.stats for n, s in robot.items()},
                normalizers={n: s.normalizers for n, s in robot.items()},
                fast={n: f for n, f in fast.items() if n in built})
 
 
 @contextlib.contextmanager
-def _naming_source(name: str, src: dict) -> Iterator[None]:
+def _naming_source(source: SourceSpec) -> Iterator[None]:
     """Configuration and data-file errors, re-raised as ValueError naming the source."""
     try:
         yield
     except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"config.data.sources.{name} = {src}: {e}") from e
+        raise ValueError(f"config.data.sources.{source.name} = {source.entry()}: {e}") from e
 

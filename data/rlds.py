@@ -17,6 +17,7 @@ Writing needs TensorFlow (TFDS serializes with it), in a child process; reading 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import multiprocessing
@@ -25,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from queue import Full
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from etils import epath
+from PIL import Image
 
 VERSION = "1.0.0"
 
@@ -55,7 +57,6 @@ class CorruptRecordError(RuntimeError):
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 [H, W, 3] -> PNG bytes (TFDS Image features accept encoded bytes, so workers can
     compress in parallel and the writing process only copies bytes)."""
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -313,6 +314,26 @@ def open_builder(path: str) -> tfds.core.DatasetBuilder:
                              f"in it or in a version folder below it)")
         p = versions[-1]
     return tfds.builder_from_directory(os.fspath(p))
+
+
+def has_split(path: str, split: str) -> bool:
+    """Whether the TFDS dataset directory `path` has `split` (our text datasets have only "train")."""
+    return split in open_builder(path).info.splits
+
+
+def robot_spec(spec: str | DatasetSpec | Mapping[str, Any] | None, path: str) -> DatasetSpec:
+    """A robot source's DatasetSpec (a registered name or a dict of its fields); `path` names
+    the dataset in the error when a source gives none."""
+    if spec is None:
+        raise ValueError(f"robot source at {path!r} has no spec (a DatasetSpec name from "
+                         f"data/rlds.py or a dict of its fields)")
+    return get_spec(spec)
+
+
+def robot_opener(path: str, spec: str | DatasetSpec | Mapping[str, Any] | None,
+                 split: str = "train") -> Callable[[], RobotDataset]:
+    """Picklable zero-argument callable opening one split of the robot dataset at `path`."""
+    return functools.partial(RobotDataset, path, robot_spec(spec, path), split=split)
 
 
 class RobotDataset:

@@ -1,17 +1,9 @@
 """Mixture components: random-access sources that emit single examples of the batch contract.
 
-Every source maps an index in [0, len) to one example with the per-example shapes of
-docs/data_contract.md (the batch dimension is added by data/pipeline.py):
+Every source maps an index in [0, len) to one example laid out by data/layout.Layout (the
+per-example shapes of the batch contract; the batch dimension is added by data/pipeline.py).
 
-    images       {cam: uint8 [T, H, W, 3]}  every cam of config.model.cameras, H = W = image_size
-    image_mask   bool [n_cams]
-    frame_mask   bool [n_cams, T]            false before the episode start / for missing frames
-    tokens, token_mask, target_mask  [L]     L = knobs.max_text_tokens
-    state        f32 [S]                     normalized, padded to model.state_dim
-    actions      f32 [H, A]                  normalized chunk at knobs.control_hz, padded
-    action_mask  bool [H, A]
-
-Kinds (config.data.sources[name].kind):
+Kinds (SourceSpec.kind, data/spec.py):
     robot   windows over RLDS episodes (data/rlds.py): one example per (episode, native step);
             π0: prompt = instruction, no text target; π0.5: prompt = instruction + state bins,
             targets = the step's subtask (datasets that record one) and, with a FAST tokenizer
@@ -25,91 +17,22 @@ Kinds (config.data.sources[name].kind):
 Text examples keep frames of a camera the model has under that camera, else put their (first)
 view in the first camera; other cameras, state and actions are zero and masked.
 
-Sources hold only picklable recipes (paths, config values) and open their readers lazily in the
+Sources hold only picklable recipes (paths, spec values) and open their readers lazily in the
 process that reads, so Grain can ship them to worker processes.
 """
-import dataclasses
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from data import normalize, prompt, stats, windows
+from data import normalize, prompt, rlds, stats, windows
+from data import tfds_image_text as tit
+from data.fast_targets import FastActions
+from data.layout import Layout
+from data.spec import KINDS, DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
-
-if TYPE_CHECKING:  # data/fast_targets.py imports this module
-    from data.fast_targets import FastActions
-
-KINDS = ("robot", "vl", "video", "tfds")
-
-
-# ------------------------------------------------------------------ example layout
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Per-example shapes of the batch contract, from a config."""
-
-    cameras: tuple[str, ...]
-    frames: int  # T
-    image_size: int
-    max_len: int  # L
-    state_dim: int  # S
-    action_dim: int  # A
-    horizon: int  # H
-    pi05: bool  # state bins in the prompt
-
-    @classmethod
-    def from_config(cls, config) -> "Layout":
-        spec = windows.WindowSpec.from_config(config)
-        m = config.model
-        return cls(cameras=spec.cameras, frames=spec.frames, image_size=int(m.image_size),
-                   max_len=int(config.knobs.max_text_tokens), state_dim=int(m.state_dim),
-                   action_dim=int(m.action_dim), horizon=spec.horizon,
-                   pi05=m.mode == "pi05")
-
-    def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """{key: (shape, dtype)} of one example; images flattened to "images/<cam>"."""
-        n, t, s = len(self.cameras), self.frames, self.image_size
-        out = {f"images/{c}": ((t, s, s, 3), np.dtype(np.uint8)) for c in self.cameras}
-        out.update({
-            "image_mask": ((n,), np.dtype(bool)), "frame_mask": ((n, t), np.dtype(bool)),
-            "tokens": ((self.max_len,), np.dtype(np.int32)),
-            "token_mask": ((self.max_len,), np.dtype(bool)),
-            "target_mask": ((self.max_len,), np.dtype(bool)),
-            "state": ((self.state_dim,), np.dtype(np.float32)),
-            "actions": ((self.horizon, self.action_dim), np.dtype(np.float32)),
-            "action_mask": ((self.horizon, self.action_dim), np.dtype(bool)),
-        })
-        return out
-
-    def empty(self) -> dict:
-        """An example with every part zero and masked."""
-        ex = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.spec().items()}
-        ex["images"] = {c: ex.pop(f"images/{c}") for c in self.cameras}
-        return ex
-
-    def camera_frames(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 [t, h, w, 3] (any t >= 1, any h, w) -> uint8 [T, S, S, 3]: the last T frames,
-        resized with aspect-preserving zero padding (as openpi's resize_with_pad)."""
-        frames = frames[-self.frames:]
-        out = np.zeros((self.frames, self.image_size, self.image_size, 3), np.uint8)
-        out[self.frames - len(frames):] = [resize_with_pad(f, self.image_size) for f in frames]
-        return out
-
-
-def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [size, size, 3], bilinear, centred, zero padding."""
-    h, w = image.shape[:2]
-    if h == w == size:
-        return image
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    out = np.zeros((size, size, 3), np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
-    return out
 
 
 # ------------------------------------------------------------------ sources
@@ -149,7 +72,7 @@ class RobotSource:
 
     def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
                  window: windows.WindowSpec, hold_dims: Sequence[int], stats: dict,
-                 normalization: str, tokenizer: Tokenizer, fast: "FastActions | None" = None):
+                 normalization: str, tokenizer: Tokenizer, fast: FastActions | None = None):
         """fast: data/fast_targets.FastActions of this dataset at `window`'s horizon (π0.5
         FAST targets; the tokenizer's FAST id range must hold its vocabulary), or None."""
         self.name = name
@@ -290,67 +213,33 @@ def _tokens(tokenizer, text, target, max_len, state_bins=None, fast_tokens=None)
     return {k: out[k] for k in ("tokens", "token_mask", "target_mask")}
 
 
-# ------------------------------------------------------------------ construction from a config
-def dataset_dir(root: str, src: dict) -> str:
-    """A source's dataset directory: src["path"], relative to data.root unless absolute."""
-    return os.path.join(root, src["path"])
-
-
-def robot_opener(root: str, src: dict, split: str = "train") -> Callable[[], Any]:
-    """Picklable zero-argument callable opening a robot source's dataset (data/rlds.py)."""
-    from data import rlds
-
-    return functools.partial(rlds.RobotDataset, dataset_dir(root, src), _robot_spec(src),
-                             split=split)
-
-
-def _robot_spec(src: dict):
-    from data import rlds
-
-    if "spec" not in src:
-        raise ValueError(f"robot source at {src['path']!r} has no spec (a DatasetSpec name "
-                         f"from data/rlds.py or a dict of its fields)")
-    return rlds.get_spec(src["spec"])
-
-
-def _text_opener(kind: str, root: str, src: dict, split: str) -> Callable[[], Sequence[dict]]:
+# ------------------------------------------------------------------ construction from a spec
+def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[], Sequence[dict]]:
     """vl / video: our canonical text datasets; tfds: a foreign image-text dataset, a directory
-    or (with data_dir) a registered name, read through src["fields"] (data/tfds_image_text.py)."""
-    from data import tfds_image_text as tit
-
-    if kind in ("vl", "video"):
-        return functools.partial(tit.ImageTextSource, dataset_dir(root, src), split=split)
-    fields = tit.FieldMap(**dict(src.get("fields", {})))
-    where = src["path"] if src.get("data_dir") else dataset_dir(root, src)
-    return functools.partial(tit.ImageTextSource, where, split=split, data_dir=src.get("data_dir"),
+    or (with data_dir) a registered name, read through source.fields (data/tfds_image_text.py)."""
+    if source.kind in ("vl", "video"):
+        return functools.partial(tit.ImageTextSource, data.dataset_dir(source), split=split)
+    fields = tit.FieldMap(**dict(source.fields or {}))
+    where = source.path if source.data_dir else data.dataset_dir(source)
+    return functools.partial(tit.ImageTextSource, where, split=split, data_dir=source.data_dir,
                              fields=fields)
 
 
-def has_split(root: str, src: dict, split: str) -> bool:
-    """Whether a source's dataset has `split` (our text datasets have only "train")."""
-    from data import rlds
-
-    if src.get("data_dir"):  # a registered TFDS dataset: TFDS itself checks when opening
-        return True
-    return split in rlds.open_builder(dataset_dir(root, src)).info.splits
-
-
-def make_source(name: str, src: dict, config, root: str, split: str, tokenizer: Tokenizer,
-                fast: "FastActions | None" = None):
+def make_source(source: SourceSpec, data: DataSpec, split: str, tokenizer: Tokenizer,
+                fast: FastActions | None = None) -> RobotSource | TextSource:
     """Build one source; raises (before any batch) on an unknown kind, a missing path or spec,
-    missing statistics or dims/strides the config cannot serve. fast: the robot source's
+    missing statistics or dims/strides the spec cannot serve. fast: the robot source's
     FastActions when π0.5 examples carry FAST targets."""
-    kind = src.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"source {name!r}: unknown kind {kind!r}; expected one of {KINDS}")
-    path = src["data_dir"] if src.get("data_dir") else dataset_dir(root, src)
+    name = source.name
+    if source.kind not in KINDS:
+        raise ValueError(f"source {name!r}: unknown kind {source.kind!r}; expected one of {KINDS}")
+    path = source.data_dir if source.data_dir else data.dataset_dir(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"source {name!r}: dataset path {path} does not exist")
-    layout = Layout.from_config(config)
-    if kind != "robot":
-        return TextSource(name, _text_opener(kind, root, src, split), layout, tokenizer)
-    opener = robot_opener(root, src, split)
+    if source.kind != "robot":
+        return TextSource(name, _text_opener(source, data, split), data.layout, tokenizer)
+    opener = rlds.robot_opener(path, source.spec, split)
     opener()  # a wrong path, spec or split is reported before missing statistics
-    return RobotSource(name, opener, layout,
-                       windows.WindowSpec.from_config(config), _robot_spec(src).gripper_dims,
-                       stats.load_stats(path), config.data.normalization, tokenizer, fast)
+    return RobotSource(name, opener, data.layout, data.window,
+                       rlds.robot_spec(source.spec, path).gripper_dims, stats.load_stats(path),
+                       data.normalization, tokenizer, fast)

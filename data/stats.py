@@ -19,7 +19,8 @@ import functools
 import json
 import multiprocessing
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -222,26 +223,3 @@ def load_stats(dataset_dir: str) -> dict:
                                 f"`python -m tools.stats --config ...` first")
     with open(path) as f:
         return json.load(f)
-
-
-def compute_stats(root: str, config, workers: int | None = None, progress: bool = True
-                  ) -> dict[str, dict]:
-    """Compute and save stats.json for every robot source of config.data.sources under `root`
-    (over the train split: heldout episodes do not leak into normalization).
-
-    Returns {source name: stats}. workers defaults to config.data.workers.
-    """
-    # Imported here: sources reads stats (so it cannot be imported at the top), and the
-    # statistics core above stays usable without TFDS.
-    from data import rlds, sources
-
-    workers = int(config.data.workers) if workers is None else workers
-    out = {}
-    for name, src in sorted(config.data.sources.items()):
-        if dict(src)["kind"] != "robot":
-            continue
-        opener = sources.robot_opener(root, dict(src))
-        out[name] = dataset_stats(opener, workers=workers, progress=progress,
-                                  errors=(rlds.CorruptRecordError,))
-        save_stats(sources.dataset_dir(root, dict(src)), out[name])
-    return out

@@ -10,7 +10,8 @@ Pure numpy; an episode is anything with the small `Episode` interface below: dat
 RobotEpisode, or `ArrayEpisode` held in memory.
 """
 import dataclasses
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -88,20 +89,14 @@ class ArrayDataset:
 
 @dataclasses.dataclass(frozen=True)
 class WindowSpec:
-    """What a window contains, from config.knobs (context, control rate) and config.model."""
+    """What a window contains: context frames, control rate and horizon (configs/specs.py builds
+    it from the run's knobs, where the horizon is defined)."""
 
     frames: int  # T context frames per camera, current last
     stride_s: float  # seconds between context frames
     control_hz: float  # rate of the emitted action chunk
-    horizon: int  # H = round(chunk_s * control_hz)
+    horizon: int  # H action steps at control_hz
     cameras: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, config) -> "WindowSpec":
-        k = config.knobs
-        return cls(frames=int(k.context_frames), stride_s=float(k.context_stride_s),
-                   control_hz=float(k.control_hz), horizon=int(round(k.chunk_s * k.control_hz)),
-                   cameras=tuple(config.model.cameras))
 
     def check(self, native_hz: float) -> None:
         """Raise ValueError if this spec cannot be cut from a dataset recorded at native_hz."""

@@ -11,12 +11,12 @@ launch.slurm) the trainer initializes from the environment instead and needs no 
 import runpy
 import sys
 
+import jax
+
 
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit(f"usage: python -m launch.autodetect MODULE [ARGS...]\n{__doc__}")
-    import jax
-
     jax.distributed.initialize()
     module = sys.argv[1]
     sys.argv = [module, *sys.argv[2:]]

@@ -20,6 +20,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import ml_collections
+from absl import app
+
+from vla import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER_MODULE = "vla.train"
@@ -30,7 +33,6 @@ TRAINER_MODULE = "vla.train"
 def usage_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
     """A CLI's main whose bad-input errors (ValueError, FileNotFoundError) print as absl usage
     errors: the message, without a traceback."""
-    from absl import app
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str]) -> None:
@@ -107,8 +109,6 @@ def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def slices(mesh: Mapping[str, int]) -> int:
     """How many slices the config's dcn_* mesh axes span (1 without multislice)."""
-    from vla import sharding
-
     return math.prod(int(mesh.get(name, 1)) for name in sharding.DCN_AXES)
 
 
@@ -118,9 +118,6 @@ def mesh_overrides(mesh: Mapping[str, int], devices_per_slice: int, slices: int 
     The config's -1 axis fills the slice; its dcn_* axes must span `slices`, except that a config
     without any (all 1) puts every slice on dcn_data: data parallelism across slices.
     """
-    # jax and flax: only launchers that size meshes pay for the import.
-    from vla import sharding
-
     sizes = dict(mesh)
     dcn = [int(sizes.get(name, 1)) for name in sharding.DCN_AXES]
     if slices > 1 and dcn == [1] * len(dcn):

@@ -1,7 +1,7 @@
 r"""The trainer in P processes on this machine over loopback: a pod's code path on CPU devices.
 
     python -m launch.local --config configs/demo.py --workdir runs/local [--processes 2] \
-        [--devices-per-process 4] [--config.key=value ...]
+        [--devices_per_process 4] [--grace_s 10] [--config.key=value ...]
 
 Every process runs the same trainer command with JAX_PLATFORMS=cpu, its own forced host-device
 count in XLA_FLAGS, and JAX_COORDINATOR_ADDRESS (a free loopback port), JAX_NUM_PROCESSES and
@@ -9,7 +9,7 @@ JAX_PROCESS_ID for jax.distributed, exactly as on a pod. Process 0's output is e
 "[0] " prefix; each process logs to WORKDIR/logs/process_<i>.log.
 
 Failures: a process that exits non-zero or is killed ends the job (the others get SIGTERM, then
-SIGKILL after --grace-s) and the launcher exits non-zero. SIGTERM or Ctrl-C to the launcher
+SIGKILL after --grace_s) and the launcher exits non-zero. SIGTERM or Ctrl-C to the launcher
 reaches every process as SIGTERM: they save a checkpoint at the same step and exit 0. Running
 the same command again resumes from the latest checkpoint.
 """
@@ -23,6 +23,9 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import BinaryIO
+
+from absl import app, flags
+from ml_collections import config_flags
 
 from launch import common
 
@@ -114,28 +117,33 @@ def launch(trainer: Sequence[str], workdir: str, processes: int, devices_per_pro
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
+    """Launches the trainer processes; exits with the first failure's code (0 if all succeeded)."""
     del argv
     f = flags.FLAGS
     config = f.config
     spec = config_flags.get_config_filename(f["config"])
     overrides = common.override_flags(config, list(config_flags.get_override_values(f["config"])))
     code = launch(common.trainer_args(spec, f.workdir, overrides), f.workdir, f.processes,
-                  f["devices-per-process"].value, f["grace-s"].value)
+                  f.devices_per_process, f.grace_s)
     print(common.where(f.workdir, int(config.total_steps), os.path.join(f.workdir, "logs", "process_*.log")))
     sys.exit(code)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, metrics, logs/).")
-    flags.DEFINE_integer("processes", 2, "Trainer processes (jax.distributed over loopback).")
-    flags.DEFINE_integer("devices-per-process", 1, "Forced CPU devices in each process.")
-    flags.DEFINE_float("grace-s", 10.0, "Seconds between SIGTERM and SIGKILL when stopping processes.")
+def define_flags() -> None:
+    """The command line: python -m launch.local --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, metrics, and one log per process in "
+                        "logs/ (required). Launching again with the same one resumes from its latest checkpoint.")
+    flags.DEFINE_integer("processes", 2, "Trainer processes to start on this machine (jax.distributed over "
+                         "loopback; 1 runs a single process).")
+    flags.DEFINE_integer("devices_per_process", 1, "CPU devices each process gets (forced with "
+                         "--xla_force_host_platform_device_count).")
+    flags.DEFINE_float("grace_s", 10.0, "Seconds the other processes get between SIGTERM (save and exit) and "
+                       "SIGKILL when one process fails.")
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(common.usage_errors(main))

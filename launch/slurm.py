@@ -1,15 +1,15 @@
 r"""Training on a GPU cluster with SLURM: writes an sbatch script and submits it.
 
     python -m launch.slurm --config configs/FILE.py[:arg] --workdir /shared/DIR \
-        [--nodes N] [--gpus-per-node 8] [--per-gpu] [--time 24:00:00] [--partition P] \
-        [--account A] [--env KEY=VALUE ...] [--config.key=value ...] [--dry-run]
+        [--nodes N] [--gpus_per_node 8] [--per_gpu] [--time 24:00:00] [--partition P] \
+        [--account A] [--job_name NAME] [--env KEY=VALUE ...] [--config.key=value ...] [--dry_run]
 
 Run it from the checkout on the cluster's shared filesystem. The script (WORKDIR/slurm/train.sbatch)
 installs this checkout with the CUDA extra into a virtual environment (--venv, created once),
 sets JAX_COORDINATOR_ADDRESS (the first node), JAX_NUM_PROCESSES (SLURM_NTASKS) and, in each
 task, JAX_PROCESS_ID (SLURM_PROCID) for jax.distributed, then starts one trainer per node (or,
-with --per-gpu, one per GPU, each seeing its own GPU through JAX_LOCAL_DEVICE_IDS). The mesh is
-sized to nodes x GPUs with explicit --config.mesh.* overrides. --dry-run prints the script and
+with --per_gpu, one per GPU, each seeing its own GPU through JAX_LOCAL_DEVICE_IDS). The mesh is
+sized to nodes x GPUs with explicit --config.mesh.* overrides. --dry_run prints the script and
 the sbatch command instead.
 
 Failures: srun --kill-on-bad-exit ends every task when one fails. SLURM's SIGTERM (preemption,
@@ -24,6 +24,9 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
 
 from launch import common
 
@@ -76,26 +79,24 @@ def submit(text: str, workdir: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
+    """Writes the sbatch script and submits it (or, with --dry_run, prints both)."""
     del argv
     f = flags.FLAGS
     config, spec = f.config, common.repo_relative(config_flags.get_config_filename(f["config"]))
-    gpus = f["gpus-per-node"].value
+    gpus = f.gpus_per_node
     slices = common.slices(config.mesh)  # multi-node meshes may put a dcn_* axis across processes
     mesh = common.mesh_overrides(config.mesh, f.nodes * gpus // slices, slices)
     config.update_from_flattened_dict(mesh)
     keys = [k for k in config_flags.get_override_values(f["config"]) if k not in mesh] + list(mesh)
     workdir = os.path.abspath(f.workdir)
-    text = script(job_name=f["job-name"].value or os.path.basename(workdir.rstrip("/")), nodes=f.nodes,
-                  gpus_per_node=gpus, per_gpu=f["per-gpu"].value,
+    text = script(job_name=f.job_name or os.path.basename(workdir.rstrip("/")), nodes=f.nodes,
+                  gpus_per_node=gpus, per_gpu=f.per_gpu,
                   trainer=common.trainer_flags(spec, workdir, common.override_flags(config, keys)),
                   workdir=workdir, venv=f.venv, time_limit=f.time, env=dict(e.split("=", 1) for e in f.env),
                   partition=f.partition, account=f.account,
                   command=shlex.join(["python", "-m", "launch.slurm",
-                                      *(a for a in sys.argv[1:] if a.lstrip("-") not in ("dry-run", "nodry-run"))]))
-    if f["dry-run"].value:
+                                      *(a for a in sys.argv[1:] if a.lstrip("-") not in ("dry_run", "nodry_run"))]))
+    if f.dry_run:
         print(f"# {script_path(workdir)}\n{text}$ sbatch --parsable {script_path(workdir)}")
         return
     job = submit(text, workdir)
@@ -103,21 +104,28 @@ def main(argv: Sequence[str]) -> None:
           + common.where(workdir, int(config.total_steps), os.path.join(workdir, "logs", f"slurm-{job}.out")))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory on the shared filesystem.")
-    flags.DEFINE_integer("nodes", 1, "Nodes.")
-    flags.DEFINE_integer("gpus-per-node", 8, "GPUs on each node.")
-    flags.DEFINE_bool("per-gpu", False, "One process per GPU instead of one per node.")
-    flags.DEFINE_string("time", "24:00:00", "Time limit; SIGTERM (save and exit) 2 minutes before.")
-    flags.DEFINE_string("partition", None, "SLURM partition.")
-    flags.DEFINE_string("account", None, "SLURM account.")
-    flags.DEFINE_string("job-name", None, "Job name (default: the workdir's name).")
-    flags.DEFINE_string("venv", ".venv-cuda", "Virtual environment with the CUDA extra (relative to the checkout).")
-    flags.DEFINE_multi_string("env", [], "KEY=VALUE exported for every task.")
-    flags.DEFINE_bool("dry-run", False, "Print the script and the sbatch command instead of submitting.")
+def define_flags() -> None:
+    """The command line: python -m launch.slurm --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The run's directory on the filesystem every node shares (required): "
+                        "checkpoints, metrics, slurm/train.sbatch and logs/.")
+    flags.DEFINE_integer("nodes", 1, "Number of nodes (machines) the job runs on.")
+    flags.DEFINE_integer("gpus_per_node", 8, "GPUs on each node; the mesh is sized to nodes x this.")
+    flags.DEFINE_bool("per_gpu", False, "Start one trainer process per GPU (each seeing only its GPU) instead of "
+                      "one per node seeing all of them.")
+    flags.DEFINE_string("time", "24:00:00", "SLURM time limit, HH:MM:SS or D-HH:MM:SS; the trainer gets SIGTERM "
+                        "(save and exit) 2 minutes before it.")
+    flags.DEFINE_string("partition", None, "SLURM partition (default: the cluster's default partition).")
+    flags.DEFINE_string("account", None, "SLURM account to charge (default: your default account).")
+    flags.DEFINE_string("job_name", None, "SLURM job name (default: the workdir's last path component).")
+    flags.DEFINE_string("venv", ".venv-cuda", "Virtual environment with the CUDA extra, relative to the checkout; "
+                        "created on the first run.")
+    flags.DEFINE_multi_string("env", [], "KEY=VALUE: an environment variable exported for every task")
+    flags.DEFINE_bool("dry_run", False, "Print the sbatch script and the sbatch command instead of submitting.")
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(common.usage_errors(main))

@@ -20,7 +20,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+from matplotlib.figure import Figure
+from ml_collections import ConfigDict
+
+from configs import specs
+from configs.grid import informative_keys
 from launch import common
+from vla import cost
 
 # Closed-loop success (config.sim_eval) is listed when the runs logged it.
 DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "eval/sim/success", "examples_per_s")
@@ -40,10 +47,6 @@ def final_metrics(workdir: str) -> dict[str, float]:
 
 def table(manifest: dict[str, Any], patterns: Sequence[str], chip_name: str) -> tuple[list[str], list[dict]]:
     """(columns, rows) of a sweep manifest."""
-    from ml_collections import ConfigDict
-
-    from vla import cost
-
     chip = cost.get_chip(chip_name)
     runs = manifest["runs"]
     keys = list(dict.fromkeys(k for r in runs for k in r["overrides"]))
@@ -53,7 +56,7 @@ def table(manifest: dict[str, Any], patterns: Sequence[str], chip_name: str) -> 
     latency = f"chunk_ms_{chip_name}"
     rows = []
     for run, final in zip(runs, finals):
-        r = cost.report(ConfigDict(run["config"]), chip, chip_name)
+        r = cost.report(specs.build(ConfigDict(run["config"])), chip, chip_name)
         row = {"run": run["name"], "status": run["status"], "step": final.get("step"),
                **{k: run["overrides"].get(k) for k in keys}, **{m: final.get(m) for m in metrics},
                "params": r["params"]["total"], latency: r["latency"]["chunk_s"] * 1e3,
@@ -87,11 +90,6 @@ def markdown(columns: Sequence[str], rows: Sequence[dict]) -> str:
 
 def plot(path: str, rows: Sequence[dict], x: str, series: Sequence[str], panels: Sequence[str]) -> None:
     """One panel per column in `panels` against x; one line per combination of `series` values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     values = list(dict.fromkeys(r[x] for r in rows))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     position = {v: (v if numeric else i) for i, v in enumerate(values)}
@@ -99,8 +97,9 @@ def plot(path: str, rows: Sequence[dict], x: str, series: Sequence[str], panels:
     for r in rows:
         groups.setdefault(", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in series) or "all", []).append(r)
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    rows_n = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5 * cols, 3.6 * rows_n))
+    axes = fig.subplots(rows_n, cols, squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for label, members in groups.items():
             points = sorted((position[r[x]], r[panel]) for r in members if isinstance(r.get(panel), (int, float)))
@@ -115,14 +114,11 @@ def plot(path: str, rows: Sequence[dict], x: str, series: Sequence[str], panels:
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def write(root: str, x: str | None = None, patterns: Sequence[str] = DEFAULT_METRICS,
           chip: str = "h100") -> dict[str, str]:
     """Writes ROOT/summary.{csv,md,png}; returns their paths. The plot shows the finished runs."""
-    from launch.sweep import informative_keys
-
     path = os.path.join(root, "manifest.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: run launch.sweep with --root {root} first")
@@ -146,8 +142,7 @@ def write(root: str, x: str | None = None, patterns: Sequence[str] = DEFAULT_MET
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
+    """Writes ROOT/summary.{csv,md,png} and prints the table and the paths."""
     del argv
     f = flags.FLAGS
     paths = write(f.root, f.x, [p.strip() for p in f.metrics.split(",") if p.strip()], f.chip)
@@ -156,12 +151,19 @@ def main(argv: Sequence[str]) -> None:
     print("\n".join(paths.values()))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("root", None, "Sweep directory (with manifest.json).")
-    flags.DEFINE_string("x", None, "Swept key on the plot's x axis (default: the first that varies).")
-    flags.DEFINE_string("metrics", ",".join(DEFAULT_METRICS), "Comma-separated metric name patterns (fnmatch).")
-    flags.DEFINE_string("chip", "h100", "Chip for the cost model's latency column (vla.cost.CHIPS or cpu).")
+def define_flags() -> None:
+    """The command line: python -m launch.summary --help."""
+    flags.DEFINE_string("root", None, "Sweep directory, the one holding manifest.json (required); the summary "
+                        "files are written there.")
+    flags.DEFINE_string("x", None, "Swept config key on the plot's x axis, e.g. knobs.context_frames (default: "
+                        "the first swept key that varies).")
+    flags.DEFINE_string("metrics", ",".join(DEFAULT_METRICS), "Comma-separated metric name patterns (fnmatch "
+                        "wildcards) whose final values become columns.")
+    flags.DEFINE_string("chip", "h100", "Chip for the cost model's latency column: a name in vla.cost.CHIPS "
+                        "(h100, h200, tpu_v4, ...) or cpu.")
     flags.mark_flag_as_required("root")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(common.usage_errors(main))

@@ -1,7 +1,7 @@
 r"""Sweeps from config files: every override set of the config's `sweep()` becomes one run.
 
     python -m launch.sweep --config configs/demo.py[:arg] --root runs/sweep \
-        [--backend local|tpu|slurm] [--parallel K] [--select REGEX] [--retry] [--dry-run] \
+        [--backend local|tpu|slurm] [--parallel K] [--select REGEX] [--retry] [--dry_run] \
         [--config.key=value ...] [-- BACKEND FLAGS]
 
 Each run gets a readable name from its swept values (vit=tiny-8_context_frames=2_control_hz=20;
@@ -21,7 +21,7 @@ whose names match. SIGTERM or Ctrl-C stops the running trainers cleanly (they sa
 sweep. After a local sweep the summary (launch.summary) is written to ROOT.
 
 sweep() takes the config file's argument when one is given (FILE:arg) and returns a list of
-override sets; launch.grid's product and zipped build them.
+override sets; configs.grid's product and zipped build them.
 """
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from launch import common
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from configs.grid import informative_keys
+from launch import common, summary
 
 BACKENDS = ("local", "tpu", "slurm")
 MANIFEST = "manifest.json"
@@ -53,26 +58,6 @@ def _clean(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(_clean(v) for v in value)
     return re.sub(r"[^A-Za-z0-9.+-]", "-", str(value).replace("/", "-"))
-
-
-def _one_to_one(sets: Sequence[Mapping[str, Any]], a: str, b: str) -> bool:
-    """Whether b's value follows from a's and vice versa in every set (zipped keys)."""
-    forward, backward = {}, {}
-    for s in sets:
-        if (a in s) != (b in s):
-            return False
-        if a in s:
-            va, vb = repr(s[a]), repr(s[b])
-            if forward.setdefault(va, vb) != vb or backward.setdefault(vb, va) != va:
-                return False
-    return True
-
-
-def informative_keys(sets: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The sets' keys, less those in one-to-one correspondence with an earlier key (zipped with
-    it: they tell nothing more about a run)."""
-    keys = list(dict.fromkeys(k for s in sets for k in s))
-    return [k for i, k in enumerate(keys) if not any(_one_to_one(sets, e, k) for e in keys[:i])]
 
 
 def run_names(sets: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -199,8 +184,6 @@ def outcome(run: Run, backend: str, interrupted: bool) -> str:
 def execute(runs: Sequence[Run], todo: Sequence[Run], root: str, spec: str, backend: str,
             parallel: int) -> bool:
     """Runs `todo`, `parallel` at a time; False if interrupted by a signal."""
-    from tqdm import tqdm
-
     queue, active = collections.deque(todo), {}
     with common.forward_signals(lambda: list(active)) as received, \
             tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True) as bar:
@@ -240,11 +223,9 @@ def report(runs: Sequence[Run]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
+    """Runs (or submits) the sweep's pending runs; argv[1:] (after `--`) goes to the backend launcher."""
     f = flags.FLAGS
-    backend, root, dry_run = f.backend, f.root, f["dry-run"].value
+    backend, root, dry_run = f.backend, f.root, f.dry_run
     if backend != "local" and (not os.path.isabs(root) or "://" in root):
         raise flags.ValidationError(f"--root={root!r}: the {backend} backend needs an absolute path on "
                                     f"storage the machines share")
@@ -265,25 +246,30 @@ def main(argv: Sequence[str]) -> None:
     complete = execute(runs, todo, root, spec, backend, f.parallel)
     print(report(selected))
     if backend == "local" and any(r.status == "finished" for r in runs):
-        from launch import summary
-
         paths = summary.write(root)
         print("summary: " + ", ".join(paths.values()))
     print(f"manifest: {os.path.join(root, MANIFEST)}")
     sys.exit(0 if complete and all(r.status in ("finished", "submitted") for r in selected) else 1)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file with a sweep() (configs/*.py[:arg]).",
-                                    lock_config=True)
-    flags.DEFINE_string("root", None, "Sweep directory: ROOT/manifest.json and one workdir per run.")
-    flags.DEFINE_enum("backend", "local", BACKENDS, "Where runs go: this machine, TPU pods, SLURM.")
-    flags.DEFINE_integer("parallel", 1, "Runs at a time.")
-    flags.DEFINE_string("select", None, "Only runs whose names match this regular expression.")
-    flags.DEFINE_bool("retry", False, "Run failed runs again; resubmit unfinished SLURM runs.")
-    flags.DEFINE_bool("dry-run", False, "Print the runs, their status and commands; run nothing.")
+def define_flags() -> None:
+    """The command line: python -m launch.sweep --help."""
+    config_flags.DEFINE_config_file("config", None, "Config file that defines a sweep(), configs/FILE.py or "
+                                    "configs/FILE.py:ARG (ARG goes to sweep()) (required); --config.KEY=VALUE "
+                                    "overrides apply to every run.", lock_config=True)
+    flags.DEFINE_string("root", None, "Sweep directory: ROOT/manifest.json and one workdir ROOT/NAME per run "
+                        "(required; an absolute path on shared storage for the tpu and slurm backends).")
+    flags.DEFINE_enum("backend", "local", BACKENDS, "Where runs go: local (trainers on this machine), tpu "
+                      "(launch.tpu, one TPU per run), slurm (launch.slurm, one job per run). Flags after `--` go "
+                      "to that launcher.")
+    flags.DEFINE_integer("parallel", 1, "Runs started at a time.")
+    flags.DEFINE_string("select", None, "Only the runs whose names match this regular expression (re.search; "
+                        "default: all runs).")
+    flags.DEFINE_bool("retry", False, "Run failed runs again, and resubmit unfinished SLURM runs.")
+    flags.DEFINE_bool("dry_run", False, "Print the runs, their status and commands; run nothing.")
     flags.mark_flags_as_required(["config", "root"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(common.usage_errors(main))

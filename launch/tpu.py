@@ -2,10 +2,10 @@ r"""Training on a Cloud TPU pod: one slice (a TPU VM) or several (a queued resou
 
     python -m launch.tpu --tpu NAME --zone ZONE [--accelerator v5p-128] [--slices N] \
         --config configs/FILE.py[:arg] --workdir /shared/DIR [--config.key=value ...] \
-        [--project P] [--spot] [--env KEY=VALUE ...] [--dry-run] [--attach | --stop | --delete] \
-        [--xpk-cluster CLUSTER]
+        [--project P] [--runtime_version V] [--spot] [--env KEY=VALUE ...] [--dry_run] \
+        [--attach | --stop | --delete] [--xpk_cluster CLUSTER]
 
-Steps, all through gcloud (--dry-run prints them instead):
+Steps, all through gcloud (--dry_run prints them instead):
   1. reuse the TPU VM / queued resource if it exists, else create it (a queued resource is
      waited for until ACTIVE; a preempted one is deleted and created again);
   2. ship the code: a wheel of this checkout plus the config file, copied to ~/vla/ship on every
@@ -20,7 +20,7 @@ Steps, all through gcloud (--dry-run prints them instead):
 --delete deletes the TPU VM / queued resource. A preempted or failed worker ends the whole job
 (jax.distributed); running the same command again resumes from the latest checkpoint.
 
-On a GKE cluster with TPU node pools, --xpk-cluster CLUSTER hands the job to xpk instead
+On a GKE cluster with TPU node pools, --xpk_cluster CLUSTER hands the job to xpk instead
 (`xpk workload create`: an image of this checkout on python:3.11, the trainer in every slice's
 pods, jax.distributed detecting GKE's TPU environment); --stop and --delete delete the workload.
 
@@ -38,6 +38,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
 
 from launch import common
 
@@ -227,7 +230,7 @@ def describe_pod(pod: Pod, mesh: Mapping[str, int], queued: bool = True) -> str:
 
 
 def print_plan(pod: Pod, steps: Sequence[Step], mesh: Mapping[str, int]) -> None:
-    """What --dry-run shows: the pod, then every command in order."""
+    """What --dry_run shows: the pod, then every command in order."""
     print(describe_pod(pod, mesh))
     print("# reuse the TPU if this succeeds" + (" (its state must be ACTIVE)" if pod.multislice else ""))
     print("$ " + shlex.join(pod.describe()))
@@ -300,14 +303,12 @@ def stream(pod: Pod, workdir: str | None) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
+    """Launches (or attaches to, stops, deletes) the training job on the pod or the xpk cluster."""
     del argv
     f = flags.FLAGS
-    pod = Pod(f.tpu, f.zone, accelerator(f.accelerator), f.slices, f.project, f["runtime-version"].value,
+    pod = Pod(f.tpu, f.zone, accelerator(f.accelerator), f.slices, f.project, f.runtime_version,
               f.spot)
-    dry_run, cluster = f["dry-run"].value, f["xpk-cluster"].value
+    dry_run, cluster = f.dry_run, f.xpk_cluster
     if cluster and (f.delete or f.stop):
         _run(xpk(pod, cluster, "delete"), dry_run=dry_run)
         return
@@ -342,24 +343,34 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(stream(pod, f.workdir))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory: an absolute path every worker sees.")
-    flags.DEFINE_string("tpu", None, "TPU VM (one slice) or queued resource (multislice) name.")
-    flags.DEFINE_string("zone", None, "Zone, e.g. us-east5-a.")
-    flags.DEFINE_string("accelerator", "v5p-128", "Accelerator type of one slice.")
-    flags.DEFINE_integer("slices", 1, "Slices; more than one makes a multislice queued resource.")
-    flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's).")
-    flags.DEFINE_string("runtime-version", None, "TPU software version (default: by generation).")
-    flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; relaunch to resume).")
-    flags.DEFINE_multi_string("env", [], "KEY=VALUE set for the trainer on every worker.")
-    flags.DEFINE_bool("dry-run", False, "Print every command instead of running it.")
-    flags.DEFINE_bool("attach", False, "Only stream worker 0's log of the running trainer.")
-    flags.DEFINE_bool("stop", False, "SIGTERM the trainer on every worker (all save and exit).")
-    flags.DEFINE_bool("delete", False, "Delete the TPU VM / queued resource.")
-    flags.DEFINE_string("xpk-cluster", None, "Run as an xpk workload on this GKE cluster instead.")
+def define_flags() -> None:
+    """The command line: python -m launch.tpu --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required to launch, not with --attach, --stop or --delete); override its "
+                                    "values with --config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The run's directory: an absolute path every worker sees, e.g. a Cloud "
+                        "Storage FUSE or Filestore mount (required to launch).")
+    flags.DEFINE_string("tpu", None, "Name of the TPU VM (one slice) or queued resource (multislice; its slices "
+                        "are NAME-0, NAME-1, ...); with --xpk_cluster, the workload's name (required).")
+    flags.DEFINE_string("zone", None, "Google Cloud zone of the TPU, e.g. us-east5-a (required).")
+    flags.DEFINE_string("accelerator", "v5p-128", "Accelerator type of one slice, GENERATION-COUNT with GENERATION "
+                        f"one of {', '.join(_GENERATIONS)}, e.g. v5p-128 or v5litepod-16.")
+    flags.DEFINE_integer("slices", 1, "Number of slices; more than one makes a multislice queued resource.")
+    flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's configured project).")
+    flags.DEFINE_string("runtime_version", None, "TPU software version of the VMs (default: the accelerator "
+                        "generation's, e.g. v2-alpha-tpuv5 for v5p).")
+    flags.DEFINE_bool("spot", False, "Use spot capacity: cheaper but preemptible (relaunch to resume).")
+    flags.DEFINE_multi_string("env", [], "KEY=VALUE: an environment variable set for the trainer on every worker")
+    flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
+    flags.DEFINE_bool("attach", False, "Only stream worker 0's log of the running trainer (until it exits).")
+    flags.DEFINE_bool("stop", False, "Send SIGTERM to the trainer on every worker (all save a checkpoint and "
+                      "exit); with --xpk_cluster, delete the workload.")
+    flags.DEFINE_bool("delete", False, "Delete the TPU VM / queued resource; with --xpk_cluster, the workload.")
+    flags.DEFINE_string("xpk_cluster", None, "GKE cluster with TPU node pools: run as an xpk workload there "
+                        "instead of on TPU VMs (default: TPU VMs through gcloud).")
     flags.mark_flags_as_required(["tpu", "zone"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(common.usage_errors(main))

@@ -6,11 +6,13 @@ heldout each, 32² images, 2 processes) with its tokenizer, stats and FAST fit (
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 from ml_collections import ConfigDict
+
+from configs import specs
+from configs.demo import get_config
 
 TINY_TASKS = ("reach-v3", "button-press-topdown-v3")
 TINY_IMAGE_SIZE = 32
@@ -20,7 +22,6 @@ TINY_FAST_VOCAB = 400  # the tiny train split has ~70 distinct coefficients; 257
 
 def tiny_config(tasks: tuple[str, ...] = TINY_TASKS, episodes: int = 2,
                 heldout: int = 1) -> ConfigDict:
-    from configs.demo import get_config
     config = get_config()
     config.data.tasks = tasks
     config.data.episodes_per_task = episodes
@@ -33,22 +34,21 @@ def tiny_config(tasks: tuple[str, ...] = TINY_TASKS, episodes: int = 2,
 
 
 def tiny_settings():
-    from data.generation import Settings
+    from data.generation import Settings  # MuJoCo: imported by the tests that generate data
     return Settings(cameras=("corner2",), image_size=TINY_IMAGE_SIZE, clip_frames=TINY_CLIP_FRAMES,
                     clip_stride=4, video_steps=40)
 
 
 @pytest.fixture(scope="session")
 def generated_root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data.generation import generate, postprocess
-    config = tiny_config()
+    # MuJoCo: imported by the tests that generate data.
+    from data.generation import generate
+    from tools.generate import postprocess
+    spec = specs.build(tiny_config())
     out = str(tmp_path_factory.mktemp("generated"))
-    summary = generate(config, out, processes=2, settings=tiny_settings(),
+    summary = generate(spec.generation, out, processes=2, settings=tiny_settings(),
                        video_rollouts_per_task=3)
-    # The tokenizer and stats modules are written in parallel with this one: ship what exists.
-    postprocess(out, config, summary["texts"],
-                tokenizer=importlib.util.find_spec("data.tokenizer") is not None,
-                stats=importlib.util.find_spec("data.stats") is not None)
+    postprocess(out, spec, summary["texts"])
     return out
 
 

@@ -23,11 +23,11 @@ def random_batch(cfg: VLAConfig, batch_size: int = 2, seed: int = 0, num_sources
     3-token text target, camera -1 masked in example 0, the last action dim padded everywhere and
     the last 2 steps of example 1 past its episode end."""
     batch = vla.random_batch(cfg, batch_size, seed)
-    b, l = batch_size, cfg.max_text_tokens
-    n_valid = l - 3
+    b, length = batch_size, cfg.max_text_tokens
+    n_valid = length - 3
     batch["tokens"] = np.maximum(batch["tokens"], 3)  # keep clear of pad/eos/bos ids
-    batch["token_mask"] = np.broadcast_to(np.arange(l) < n_valid, (b, l)).copy()
-    batch["target_mask"] = batch["token_mask"] & (np.arange(l) >= n_valid - 3)
+    batch["token_mask"] = np.broadcast_to(np.arange(length) < n_valid, (b, length)).copy()
+    batch["target_mask"] = batch["token_mask"] & (np.arange(length) >= n_valid - 3)
     batch["image_mask"][0, -1] = False
     batch["actions"] = np.random.default_rng(seed).uniform(-1, 1, batch["actions"].shape).astype(np.float32)
     batch["action_mask"][:, :, -1] = False

@@ -12,29 +12,27 @@ import os
 
 import pytest
 
+from tests.test_train import small_config
+from vla import bundle
+from vla import train as train_lib
+
 TRAINED_STEPS = 4
 
 
 def trained_config(root: str, **overrides):
     """The config of `trained_workdir` (tests/test_train.py's small_config, no evaluation)."""
-    from tests.test_train import small_config
-
     return small_config(root, total_steps=TRAINED_STEPS, eval_batches=0, **overrides)
 
 
 @pytest.fixture(scope="session")
 def trained_workdir(generated_root: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from vla import train as train_lib
-
     workdir = str(tmp_path_factory.mktemp("policy_train"))
-    train_lib.train(trained_config(generated_root), workdir)
+    train_lib.train(train_lib.prepare(trained_config(generated_root), workdir))
     return workdir
 
 
 @pytest.fixture(scope="session")
 def bundle_dir(trained_workdir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from vla import bundle
-
     out = os.path.join(str(tmp_path_factory.mktemp("policy_bundle")), "bundle")
     bundle.export(trained_workdir, out, dtype="float32", batch_size=1)
     return out

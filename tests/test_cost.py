@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import demo, pi0, pi05
+from configs import demo, pi0, pi05, specs
 from vla import cost
 from vla.models.vla import VLA, VLAConfig, random_batch
 
@@ -19,8 +19,8 @@ TOLERANCE = 0.15
 
 def test_param_counts_match_published_models():
     # Independent counts of openpi's π0 and π0.5 parameter trees.
-    assert cost.param_counts(VLAConfig.from_config(pi0.get_config()))["total"] == 3_238_048_528
-    counts = cost.param_counts(VLAConfig.from_config(pi05.get_config()))
+    assert cost.param_counts(specs.build(pi0.get_config()).model)["total"] == 3_238_048_528
+    counts = cost.param_counts(specs.build(pi05.get_config()).model)
     assert counts["total"] == 3_353_433_872
     assert counts["total"] == counts["vit"] + counts["vlm"] + counts["action_expert"] + counts["projections"]
 
@@ -60,11 +60,11 @@ def test_flops_agree_with_xla(overrides):
 
 def test_train_flops_convention():
     config = demo.get_config()
-    cfg = VLAConfig.from_config(config)
+    cfg = specs.build(config).model
     forward = cost.forward_flops(cfg)
-    assert cost.train_flops_per_example(config) == 3 * forward["total"]
+    assert cost.train_flops_per_example(cfg) == 3 * forward["total"]
     # nothing_saveable recomputes every scanned layer in the backward pass; "none" recomputes nothing.
-    assert cost.train_flops_per_example(config, include_remat=True) == 3 * forward["total"] + forward["layers"]
+    assert cost.train_flops_per_example(cfg, include_remat=True) == 3 * forward["total"] + forward["layers"]
     no_remat = dataclasses.replace(cfg, remat_policy="none")
     assert cost.train_flops_per_example(no_remat, include_remat=True) == 3 * forward["total"]
     assert cost.chip_peak_flops("h100") == 989e12
@@ -77,11 +77,11 @@ def test_realtime_verdict_flips_with_control_rate_and_steps_executed():
     def fits(control_hz: float, steps_executed: int) -> bool:
         config.knobs.control_hz, config.knobs.steps_executed = control_hz, steps_executed
         config.knobs.chunk_s = horizon / control_hz  # same chunk shape, so the same latency
-        return cost.report(config, chip, "slow")["realtime"]["fits"]
+        return cost.report(specs.build(config), chip, "slow")["realtime"]["fits"]
 
     # A chip slow enough that one chunk takes 0.1 s, so the budget decides.
     config.knobs.control_hz, config.knobs.chunk_s = 10.0, horizon / 10.0
-    flops = cost.inference_flops(VLAConfig.from_config(config), config.knobs.flow_steps)
+    flops = cost.inference_flops(specs.build(config).model, config.knobs.flow_steps)
     chip = cost.Chip(peak_flops=flops / 0.1, hbm_bytes_per_s=1e15)
     assert fits(control_hz=10, steps_executed=5)  # 0.5 s between inferences
     assert not fits(control_hz=100, steps_executed=5)  # 0.05 s

@@ -7,12 +7,20 @@ import os
 import subprocess
 import sys
 
+import imageio.v3 as iio
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from configs import specs
 from data import metaworld_env
 from tests.test_train import small_config
-from vla import sim_eval
+from tools import eval as eval_tool
+from vla import bundle as bundle_lib
+from vla import sharding, sim_eval
+from vla.models.vla import VLA
+from vla.policy import Policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "reach-v3"
@@ -130,7 +138,6 @@ def test_context_frames_are_the_frames_of_earlier_ticks(envs):
 
 @pytest.fixture(scope="module")
 def policy(bundle_dir):
-    from vla.policy import Policy
     return Policy.from_bundle(bundle_dir)
 
 
@@ -166,7 +173,6 @@ def test_outputs_have_the_promised_structure(evaluated, policy):
     with open(os.path.join(out, "results.md")) as f:
         table = f.read()
     assert f"| {TASK} | easy | {100 * task['rate']:.1f}% | {task['successes']}/2 |" in table
-    import imageio.v3 as iio
     gifs = os.listdir(os.path.join(out, "gifs"))
     outcome = "success" if episodes[0]["success"] else "failure"
     assert gifs == [f"{TASK}_ep0_{outcome}.gif"]
@@ -192,7 +198,6 @@ def test_cli(bundle_dir, tmp_path):
     assert f"| {TASK} | easy |" in run.stdout and "| **overall** |" in run.stdout
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["tasks"][TASK]["episodes"] == 1
-    from tools import eval as eval_tool
     with pytest.raises(ValueError, match="unknown Meta-World task or group 'mt11'"):
         eval_tool.run(bundle_dir, "reach-v3,mt11", out)  # before the policy loads
 
@@ -201,26 +206,20 @@ def test_trainer_hook(generated_root, bundle_dir, tmp_path):
     """make_hook on the trained model sharded as the trainer holds it (FSDP over the 8 devices,
     inside the mesh): skips off-schedule steps, evaluates on schedule and writes step_<N>/ there; bad
     schedules are refused."""
-    import jax
-    from flax import nnx
-
-    from vla import bundle as bundle_lib
-    from vla import sharding
-    from vla.models.vla import VLA, VLAConfig
-
     config = small_config(generated_root, eval_every=2, total_steps=8)
     config.sim_eval.update(tasks=(TASK,), episodes=1, every=4, max_steps=8, gif_episodes=0)
     meta = bundle_lib.read_json(bundle_dir, bundle_lib.METADATA_FILE)
     ckpt_metadata = {"config": config.to_dict(), "sources": meta["sources"], "stats": meta["stats"],
                      "tokenizer": os.path.join(bundle_dir, bundle_lib.TOKENIZER_FILE),
-                     "tokenizer_vocab_size": meta["tokenizer_vocab_size"]}
+                     "tokenizer_vocab_size": meta["tokenizer_vocab_size"],
+                     "fast_token_start": meta["fast_token_start"]}
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    hook = sim_eval.make_hook(config, ckpt_metadata, str(tmp_path / "sim"))
+    rules = specs.build(config).mesh.rules
+    hook = sim_eval.make_hook(specs.build(config), ckpt_metadata, str(tmp_path / "sim"))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         # The trained weights placed by their logical axes (sharding.init_sharded would compile).
         graphdef, state, shardings = sharding.abstract_model(
-            lambda: VLA(VLAConfig.from_config(config), rngs=nnx.Rngs(0)), mesh, rules)
+            lambda: VLA(specs.build(config).model, rngs=nnx.Rngs(0)), mesh, rules)
         nnx.replace_by_pure_dict(state, nnx.restore_int_paths(bundle_lib.read_params(bundle_dir)))
         model = nnx.merge(graphdef, jax.device_put(state, shardings))
         assert hook(2, model) == {}
@@ -231,10 +230,10 @@ def test_trainer_hook(generated_root, bundle_dir, tmp_path):
         assert json.load(f)["policy"]["step"] == 4
     config.sim_eval.every = 3
     with pytest.raises(ValueError, match="multiple of eval_every=2"):
-        sim_eval.make_hook(config, ckpt_metadata)
+        sim_eval.make_hook(specs.build(config), ckpt_metadata)
     config.sim_eval.every, config.sim_eval.max_steps = 4, 600
     with pytest.raises(ValueError, match=r"max_steps in \[1, 500\] \(got 600\)"):
-        sim_eval.make_hook(config, ckpt_metadata)
+        sim_eval.make_hook(specs.build(config), ckpt_metadata)
     config.sim_eval.max_steps, config.eval_batches = 8, 0
     with pytest.raises(ValueError, match="eval_batches"):
-        sim_eval.make_hook(config, ckpt_metadata)
+        sim_eval.make_hook(specs.build(config), ckpt_metadata)

@@ -1,9 +1,16 @@
 """FAST action tokenizer: exact round trip of the rounded DCT, compression, malformed input."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy.fft import dct, idct
 
-from data.fast import FastTokenizer, fast_report, fit, main
+from data.fast import FastTokenizer, fast_report, fit, fit_and_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, A = 20, 6
 SCALE = 10.0
@@ -90,9 +97,14 @@ def test_invalid_inputs_raise(fast):
         fit(smooth_chunks(20, seed=6), vocab_size=260, scale=SCALE)
 
 
-def test_command_line_fits_saves_and_reports(tmp_path, capsys):
+def test_command_line_fits_saves_and_reports(tmp_path):
     np.save(tmp_path / "chunks.npy", smooth_chunks(100, seed=7))
     out = str(tmp_path / "f")
-    report = main([str(tmp_path / "chunks.npy"), "--vocab-size", "400", "--out", out])
-    assert report["n_chunks"] == 10 and '"mean_tokens"' in capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "data.fast", "--chunks", str(tmp_path / "chunks.npy"),
+                          "--vocab_size", "400", "--out", out], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["n_chunks"] == 10 and "mean_tokens" in report
     assert FastTokenizer.load(tmp_path / "f").vocab_size == 400
+    assert fit_and_report(str(tmp_path / "chunks.npy"), 400, heldout=0.2)["n_chunks"] == 20

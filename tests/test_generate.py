@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import specs
+from data.generation import generate, plan
 from data.rlds import RobotDataset
 from data.tfds_image_text import ImageTextSource
 from tests.data_fixtures import TINY_TASKS, tiny_config, tiny_settings
-from data.generation import generate, plan
 
 
 def test_output_layout(generated_root):
@@ -27,19 +28,19 @@ def test_output_layout(generated_root):
 
 def test_plan_gives_distinct_reproducible_seeds():
     config = tiny_config(episodes=3, heldout=2)
-    jobs = plan(config, video_rollouts_per_task=4)
-    assert jobs == plan(config, video_rollouts_per_task=4)
+    jobs = plan(specs.build(config).generation, video_rollouts_per_task=4)
+    assert jobs == plan(specs.build(config).generation, video_rollouts_per_task=4)
     assert len({j.seed for j in jobs}) == len(jobs)
     assert [j.split for j in jobs] == ["train"] * 6 + ["heldout"] * 4 + ["video"] * 8
     assert {j.behaviour for j in jobs if j.split == "video"} == {"noisy", "wrong_target", "random"}
     config.seed = 1
-    assert not {j.seed for j in plan(config, 4)} & {j.seed for j in jobs}
+    assert not {j.seed for j in plan(specs.build(config).generation, 4)} & {j.seed for j in jobs}
 
 
 def test_same_seed_same_episodes_with_one_or_two_processes(generated_root, tmp_path):
     # The fixture ran 2 processes over 2 tasks; rerun the first task alone in 1 process.
     out = str(tmp_path / "one")
-    generate(tiny_config(tasks=TINY_TASKS[:1], heldout=0), out, processes=1,
+    generate(specs.build(tiny_config(tasks=TINY_TASKS[:1], heldout=0)).generation, out, processes=1,
              settings=tiny_settings(), video_rollouts_per_task=1)
     one = RobotDataset(os.path.join(out, "metaworld_rlds"))
     two = RobotDataset(os.path.join(generated_root, "metaworld_rlds"))

@@ -15,9 +15,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from configs import demo  # noqa: E402
-from vla.models.paligemma_io import (WeightImportError, convert, import_paligemma, import_to_directory,  # noqa: E402
-                                     read_tensors)
+from configs import demo, specs  # noqa: E402
+from vla.models.paligemma_io import WeightImportError, convert, import_paligemma, import_to_directory, read_tensors  # noqa: E402
 from vla.models.vla import VLA, VLAConfig  # noqa: E402
 
 # Matches vit "tiny/8" and vlm "gemma_tiny" at 32² images.
@@ -27,7 +26,7 @@ CFG = VLAConfig(vit="tiny/8", vlm="gemma_tiny", vocab_size=VOCAB, image_size=IMA
                 max_text_tokens=TEXT)
 
 
-def _hf_model() -> "transformers.PaliGemmaForConditionalGeneration":
+def _hf_model() -> transformers.PaliGemmaForConditionalGeneration:
     vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                              intermediate_size=64, patch_size=PATCH, image_size=IMAGE,
                                              vision_use_head=False)
@@ -236,7 +235,7 @@ def test_import_to_directory_saves_orbax_params(tmp_path, hf, imported):
     onto the abstract state of the same config."""
     config = demo.get_config()
     config.model.image_size, config.model.vocab_size = IMAGE, VOCAB
-    cfg = VLAConfig.from_config(config)
+    cfg = specs.build(config).model
     report = import_to_directory(cfg, config.seed, hf[1], "hf", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "import.json").read_text()) == json.loads(json.dumps(report))
     assert report["format"] == "hf" and report["imported"]["vit/pos_embedding"] == [NUM_IMAGE_TOKENS, 32]

@@ -20,8 +20,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import demo
-from launch import common, grid, summary, sweep, tpu
+from configs import demo, grid
+from launch import common, summary, sweep, tpu
 from vla import sharding
 
 REPO = common.REPO
@@ -172,17 +172,18 @@ def test_accelerators_and_meshes_are_sized_to_the_slice():
 GOLDEN_COMMANDS = {
     "tpu_single_slice.txt": ["launch.tpu", "--tpu", "vla-pod", "--zone", "us-east5-a", "--accelerator", "v5p-128"],
     "tpu_multislice.txt": ["launch.tpu", "--tpu", "vla-ms", "--zone", "us-east5-a", "--accelerator", "v5p-128",
-                           "--slices", "2", "--spot", "--env", "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true"],
+                           "--slices", "2", "--spot", "--env",
+                           "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true"],
     "tpu_xpk.txt": ["launch.tpu", "--tpu", "vla-xpk", "--zone", "us-east5-a", "--accelerator", "v5p-128",
-                    "--slices", "2", "--xpk-cluster", "vla-cluster"],
-    "slurm.txt": ["launch.slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                    "--slices", "2", "--xpk_cluster", "vla-cluster"],
+    "slurm.txt": ["launch.slurm", "--nodes", "4", "--gpus_per_node", "8", "--partition", "gpu",
                   "--env", "NCCL_DEBUG=WARN"],
 }
 
 
 def test_tpu_and_slurm_dry_runs_match_golden_files():
     run = ["--config", "configs/pi0.py", "--workdir", "/shared/runs/pi0", "--config.batch_size=256",
-           "--config.data.root=/shared/data/metaworld", "--dry-run"]
+           "--config.data.root=/shared/data/metaworld", "--dry_run"]
     procs = {name: start(*argv, *run) for name, argv in GOLDEN_COMMANDS.items()}
     outputs = {name: finish(p).replace(sys.executable, "python") for name, p in procs.items()}
     single, multi, slurm = outputs["tpu_single_slice.txt"], outputs["tpu_multislice.txt"], outputs["slurm.txt"]
@@ -227,10 +228,10 @@ def test_two_processes_train_like_one_process(generated_root, tmp_path, env):
     metrics; the checkpoint holds both processes' data-iterator states."""
     multi, single = tmp_path / "2x4", tmp_path / "1x8"
     procs = [start("launch.local", "--config", "configs/demo.py", "--workdir", str(multi), "--processes", "2",
-                   "--devices-per-process", "4", *tiny_flags(generated_root), "--config.mesh.data=1",
+                   "--devices_per_process", "4", *tiny_flags(generated_root), "--config.mesh.data=1",
                    "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2", env=env),
              start("launch.local", "--config", "configs/demo.py", "--workdir", str(single), "--processes", "1",
-                   "--devices-per-process", "8", *tiny_flags(generated_root), env=env)]
+                   "--devices_per_process", "8", *tiny_flags(generated_root), env=env)]
     out = finish(procs[0])
     finish(procs[1])
     assert "[0] " in out and f"checkpoints: {multi}/checkpoints (latest step 2 of 2)" in out
@@ -266,7 +267,7 @@ def test_sigterm_to_one_worker_saves_everywhere_and_relaunch_resumes(generated_r
     SIGTERM to the launcher then reaches both processes, which save again and exit 0."""
     workdir = tmp_path / "run"
     command = ["launch.local", "--config", "configs/demo.py", "--workdir", str(workdir), "--processes", "2",
-               "--devices-per-process", "2",
+               "--devices_per_process", "2",
                *tiny_flags(generated_root, total_steps=100_000, checkpoint_every=100_000)]
     first = start(*command, env=env)
     lines = _lines(first)
@@ -278,7 +279,8 @@ def test_sigterm_to_one_worker_saves_everywhere_and_relaunch_resumes(generated_r
     stopped = common.latest_step(str(workdir))
     assert stopped is not None and stopped < 100_000
     assert _steps(workdir) == list(range(1, stopped + 1))
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(workdir / "checkpoints" / str(stopped) / "data"))
+    saved = set(os.listdir(workdir / "checkpoints" / str(stopped) / "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= saved
     assert f"stopping at step {stopped} (preempted)" in (workdir / "logs" / "process_0.log").read_text()
     assert f"latest step {stopped} of 100000; run the same command again to resume" in "".join(lines)
 

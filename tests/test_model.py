@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from configs.base import DEFAULT_RULES
 from tests.model_util import init_model, make_model, random_batch, tiny_config
 from vla import sharding
+from vla.sharding import DEFAULT_RULES
 
 MODES = ("pi0", "pi05")
 

@@ -1,4 +1,5 @@
 """The mixture pipeline: contract shapes, determinism, exact restore, weights, bad data, errors."""
+import dataclasses
 import functools
 import os
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from configs import demo
+from configs import demo, specs
 from data import fast, fast_targets, normalize, pipeline, prompt, rlds, sources, stats, windows
 from data.tokenizer import Tokenizer, train_sentencepiece
+from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
 
 TEXTS = ["pick up the block", "open the drawer", "press the button", "what is on the table?",
          "a red block", "the robot arm"]
@@ -73,11 +75,11 @@ def _robot_stats():
 
 
 def _sources(config, tokenizer, bad=None, fast_actions=None):
-    layout = sources.Layout.from_config(config)
+    layout = specs.build(config).data.layout
     opener = functools.partial(_robot_data, 0, bad)
     return {
         "robot": sources.RobotSource("robot", opener, layout,
-                                     windows.WindowSpec.from_config(config), (3,), _robot_stats(),
+                                     specs.build(config).data.window, (3,), _robot_stats(),
                                      config.data.normalization, tokenizer, fast_actions),
         "vl": sources.TextSource("vl", functools.partial(_text_data, 40), layout, tokenizer),
     }
@@ -96,7 +98,7 @@ def _pi05_config(**data):
 @pytest.fixture(scope="module")
 def pi05_fast(tokenizer):
     """(text tokenizer with a FAST id range, FastActions fit on the robot data's windows)."""
-    spec = windows.WindowSpec.from_config(_pi05_config())
+    spec = specs.build(_pi05_config()).data.window
     norm = normalize.normalizers(_robot_stats(), "quantile")["actions"]
     chunks = fast_targets.sample_chunks(_robot_data(0), spec, (3,), norm, 1000)
     actions = fast_targets.FastActions(fast.fit(chunks, FAST_VOCAB), spec.horizon, 4,
@@ -107,10 +109,10 @@ def pi05_fast(tokenizer):
 def _pipeline(config, tokenizer, weights=None, bad=None, fast_actions=None, **kw):
     srcs = _sources(config, tokenizer, bad, fast_actions)
     kw = dict(seed=config.seed, batch_size=config.batch_size, workers=config.data.workers,
-              strict=config.data.get("strict", False), errors=pipeline.bad_record_errors(),
+              strict=config.data.strict, errors=pipeline.bad_record_errors(),
               tokenizer=tokenizer, fast={"robot": fast_actions} if fast_actions else None, **kw)
     return pipeline.mix(srcs, weights or {"robot": 0.7, "vl": 0.3},
-                        sources.Layout.from_config(config), **kw)
+                        specs.build(config).data.layout, **kw)
 
 
 def _take(it, n):
@@ -199,8 +201,8 @@ def test_restore_into_changed_weights(tokenizer):
 def test_mixture_proportions(tokenizer):
     config = _config()
     config.batch_size = 200
-    config.model.image_size = 8
-    layout = sources.Layout.from_config(config)
+    # 8² frames: smaller than any model's patch grid, only the mixture is under test.
+    layout = dataclasses.replace(specs.build(config).data.layout, image_size=8)
     weights = {"a": 0.6, "b": 0.3, "c": 0.1}
     # >= 1000 examples each: Grain's index shuffle is slow on tiny index ranges.
     srcs = {n: sources.TextSource(n, functools.partial(_text_data, 1000 + i, 8), layout, tokenizer)
@@ -244,25 +246,23 @@ def test_bad_path_and_kind_fail_at_construction(tokenizer, tmp_path):
     os.link(tokenizer.path, os.path.join(root, "tokenizer.model"))
     config = _config(root=root)
     with pytest.raises(ValueError, match="metaworld.*does not exist"):
-        pipeline.make_pipeline(config, process_index=0, process_count=1)
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
     config.data.sources = {"x": dict(kind="audio", path=".", weight=1.0)}
     with pytest.raises(ValueError, match="unknown kind 'audio'"):
-        pipeline.make_pipeline(config, process_index=0, process_count=1)
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
     os.makedirs(os.path.join(root, "robot"))
     config.data.sources = {"r": dict(kind="robot", path="robot", spec="nope", weight=1.0)}
     with pytest.raises(ValueError, match="no dataset spec named 'nope'"):
-        pipeline.make_pipeline(config, process_index=0, process_count=1)
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
     config.data.sources = {"r": dict(kind="robot", path="robot", spec="metaworld", weight=1.0)}
     with pytest.raises(ValueError, match="not a TFDS dataset directory"):
-        pipeline.make_pipeline(config, process_index=0, process_count=1)
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
     with pytest.raises(FileNotFoundError, match="SentencePiece"):
-        pipeline.make_pipeline(_config(root=str(tmp_path / "none")), process_index=0,
-                               process_count=1)
+        pipeline.make_pipeline(specs.build(_config(root=str(tmp_path / "none"))).data,
+                               process_index=0, process_count=1)
 
 
 def _generated_pi05_config(root):
-    from tests.data_fixtures import tiny_config
-
     config = tiny_config()  # FAST targets on, fit by the fixture's postprocess
     config.data.root = root
     config.model.mode = "pi05"
@@ -271,14 +271,13 @@ def _generated_pi05_config(root):
 
 
 def test_generated_data_end_to_end(generated_root):
-    from tests.data_fixtures import TINY_FAST_VOCAB
-
     config = _generated_pi05_config(generated_root)
     config.batch_size = 8
-    it = pipeline.make_pipeline(config, process_index=1, process_count=2)
+    it = pipeline.make_pipeline(specs.build(config).data, process_index=1, process_count=2)
     spec = it.element_spec()
-    assert it.element_spec(global_batch=True) == pipeline.element_spec(config)
-    assert pipeline.element_spec(config)["tokens"][0] == (8, 96) and spec["tokens"][0] == (4, 96)
+    global_spec = pipeline.element_spec(specs.build(config).data)
+    assert it.element_spec(global_batch=True) == global_spec
+    assert global_spec["tokens"][0] == (8, 96) and spec["tokens"][0] == (4, 96)
     tok = it.tokenizer
     assert tok.n_fast_tokens == TINY_FAST_VOCAB and it.fast_token_start == tok.fast_offset
     for batch in _take(it, 3):
@@ -301,24 +300,24 @@ def test_generated_data_end_to_end(generated_root):
                                                   "reach the button",
                                                   "press the button from the top", "done")
     assert set(it.stats) == set(it.normalizers) == set(it.fast) == {"metaworld"}
-    heldout = pipeline.make_pipeline(config, "heldout", process_index=0, process_count=1)
+    heldout = pipeline.make_pipeline(specs.build(config).data, "heldout", process_index=0,
+                                     process_count=1)
     assert (next(heldout)["source"] == 0).all()  # only the robot dataset has a heldout split
     config.knobs.chunk_s = 1.0  # no FAST fit at horizon 20: an error before any batch
     with pytest.raises(ValueError, match="no FAST tokenizer for horizon 20"):
-        pipeline.make_pipeline(config, process_index=0, process_count=1)
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
 
 
 def test_fast_round_trip_of_generated_windows(generated_root):
     """A real window's chunk -> π0.5 tokens -> parsed back -> decoded -> unnormalized."""
-    config = _generated_pi05_config(generated_root)
-    src = dict(config.data.sources.metaworld)
-    actions = fast_targets.load_for_source(generated_root, src, config)
-    tok = Tokenizer(os.path.join(generated_root, config.data.tokenizer),
-                    n_fast_tokens=actions.vocab_size)
-    source = sources.make_source("metaworld", src, config, generated_root, "train", tok, actions)
+    data = specs.build(_generated_pi05_config(generated_root)).data
+    src = data.source("metaworld")
+    actions = fast_targets.load_for_source(src, data)
+    tok = Tokenizer(data.tokenizer_path(), n_fast_tokens=actions.vocab_size)
+    source = sources.make_source(src, data, "train", tok, actions)
     norm = source.normalizers["actions"]
-    ds = rlds.RobotDataset(os.path.join(generated_root, src["path"]))
-    spec = windows.WindowSpec.from_config(config)
+    ds = rlds.RobotDataset(data.dataset_dir(src))
+    spec = data.window
     e = 2  # a button press: reach, press, done
     length = ds.episode(e).length
     start = int(ds.episode_lengths[:e].sum())

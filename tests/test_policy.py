@@ -1,5 +1,6 @@
 """Bundles and the Policy: export, the exported function without model code, one-device loading,
 bfloat16, input validation, real-time chunking guidance, π0.5 subtask and FAST paths."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,11 +9,19 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from configs import specs
 from data import prompt as prompt_lib
+from data import rlds, sources
+from data.layout import resize_with_pad
 from data.normalize import normalizers
+from data.tokenizer import Tokenizer
 from tests.policy_fixtures import TRAINED_STEPS, trained_config
 from vla import bundle as bundle_lib
+from vla import sharding
+from vla import train as train_lib
+from vla.models.vla import VLA
 from vla.policy import Policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +39,13 @@ def observation(seed: int = 0, size: tuple[int, int] = (40, 56)) -> dict:
 def robot_example(config, root: str, tokenizer, fast=None, index: int = 25) -> tuple[dict, dict, str | None]:
     """(the training pipeline's heldout example at `index`, the raw observation it was made of,
     its recorded subtask)."""
-    from data import sources
-
-    source = sources.make_source("metaworld", dict(config.data.sources.metaworld), config, root, "heldout",
-                                 tokenizer, fast)
+    data = dataclasses.replace(specs.build(config).data, root=root)
+    src = data.source("metaworld")
+    source = sources.make_source(src, data, "heldout", tokenizer, fast)
     episode, step = source.locate(index)
-    ep = sources.robot_opener(root, dict(config.data.sources.metaworld), "heldout")().episode(episode)
+    ep = rlds.robot_opener(data.dataset_dir(src), src.spec, "heldout")().episode(episode)
     raw = ep.steps([step])
-    obs = {"images": {c: f[0] for c, f in raw["images"].items() if c in config.model.cameras},
+    obs = {"images": {c: f[0] for c, f in raw["images"].items() if c in data.layout.cameras},
            "state": raw["state"][0], "prompt": ep.instruction}
     return source[index], obs, raw.get("subtask", [None])[0]
 
@@ -147,16 +155,12 @@ def test_infer_output_latency_and_determinism(policy, noise):
 def test_inputs_are_the_training_pipelines_example(policy, generated_root):
     """The raw step a heldout training example was cut from, given to the policy, becomes that
     example: images, masks, normalized state and prompt tokens."""
-    from data.tokenizer import Tokenizer
-
     config = trained_config(generated_root)
     example, obs, _ = robot_example(config, generated_root, Tokenizer(os.path.join(generated_root, "tokenizer.model")))
     assert_same_inputs(policy.batch(obs), example)
 
 
 def test_images_are_resized_as_training_resizes_them(policy):
-    from data.sources import resize_with_pad
-
     obs = observation(size=(40, 56))
     batch = policy.batch(obs)
     np.testing.assert_array_equal(batch["images"]["corner2"][0, 0], resize_with_pad(obs["images"]["corner2"], 32))
@@ -215,21 +219,15 @@ def test_bad_options_are_named(policy):
 def test_from_model_agrees_with_from_bundle(policy, bundle_dir, trained_workdir, generated_root, noise):
     """The trainer's situation: a model sharded over a 2 x 4 (data, fsdp) mesh of the 8 devices and
     the checkpoint's metadata."""
-    from flax import nnx
-
-    from vla import sharding
-    from vla.models.vla import VLA, VLAConfig
-
-    config = trained_config(generated_root)
+    spec = specs.build(trained_config(generated_root))
     with open(os.path.join(trained_workdir, "checkpoints", str(TRAINED_STEPS), "metadata", "metadata")) as f:
         metadata = json.load(f)
-    config.model.fast_token_start = metadata["config"]["model"]["fast_token_start"]
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     graphdef, _, shardings = sharding.abstract_model(
-        lambda: VLA(VLAConfig.from_config(config), rngs=nnx.Rngs(0)), mesh, tuple(map(tuple, config.sharding_rules)))
+        lambda: VLA(bundle_lib.model_spec(spec, metadata), rngs=nnx.Rngs(0)), mesh, spec.mesh.rules)
     params = jax.device_put(nnx.restore_int_paths(bundle_lib.read_params(bundle_dir)), nnx.to_pure_dict(shardings))
     assert not params["decoder"]["embedder"].sharding.is_fully_replicated
-    in_memory = Policy.from_model(config, nnx.merge(graphdef, params), metadata, step=TRAINED_STEPS, warmup=False)
+    in_memory = Policy.from_model(spec, nnx.merge(graphdef, params), metadata, step=TRAINED_STEPS, warmup=False)
     obs = observation()
     np.testing.assert_allclose(in_memory.infer(obs, noise=noise)["actions"], policy.infer(obs, noise=noise)["actions"],
                                rtol=1e-5, atol=1e-5)
@@ -276,8 +274,6 @@ def test_missing_runs_and_steps_are_named(trained_workdir, tmp_path):
 @pytest.fixture(scope="module")
 def pi05_run(generated_root, tmp_path_factory):
     """A π0.5 stage-1 run (FAST targets, no flow head) saved at its initialization, exported."""
-    from vla import train as train_lib
-
     workdir = str(tmp_path_factory.mktemp("pi05"))
     config = trained_config(generated_root, **{"model.mode": "pi05", "model.flow_loss_weight": 0.0,
                                                "knobs.max_text_tokens": 80, "model.vocab_size": 4096})
@@ -305,12 +301,11 @@ def test_pi05_stage1_reads_actions_from_generated_fast_tokens(pi05_run):
 
 
 def test_pi05_subtask_policy_conditions_actions_on_the_subtask(pi05_run):
-    from flax import nnx
-
     config, run, _ = pi05_run
     posttrain = config.copy_and_resolve_references()
     posttrain.model.flow_loss_weight = 1.0
-    policy = Policy.from_model(posttrain, nnx.merge(run.graphdef, run.state["params"]), run.metadata, warmup=False)
+    policy = Policy.from_model(specs.build(posttrain), nnx.merge(run.graphdef, run.state["params"]), run.metadata,
+                               warmup=False)
     assert (policy.metadata["actions_from"], policy.metadata["subtask"]) == ("flow", True)
     obs = observation()
     out = policy.infer(obs, rng_seed=0)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,6 @@ def test_reader_returns_the_requested_steps(metaworld_rlds_dir):
 
 
 def test_reader_is_picklable(metaworld_rlds_dir):
-    import pickle
     ds = RobotDataset(metaworld_rlds_dir)
     ds.episode(0)
     clone = pickle.loads(pickle.dumps(ds))
@@ -167,7 +167,6 @@ def test_undecodable_image_names_its_step(tmp_path):
     with pytest.raises(CorruptRecordError, match="step 1") as info:
         ep.steps([0, 1])
     assert (info.value.dataset, info.value.episode, info.value.step) == ("broken", 0, 1)
-    import pickle
     clone = pickle.loads(pickle.dumps(info.value))
     assert (clone.dataset, clone.episode, clone.step, str(clone)) == \
         ("broken", 0, 1, str(info.value))

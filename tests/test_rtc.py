@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import specs
+from data.metaworld_env import CONTROL_HZ, MetaWorldEnv
 from tests.data_fixtures import TINY_TASKS
 from tests.model_util import make_model, random_batch, tiny_config
+from tests.test_train import small_config
+from vla import bundle
+from vla import train as train_lib
+from vla.policy import Policy
 from vla.rtc import ChunkExecutor, guidance_weights
 
 MODES = ("pi0", "pi05")
@@ -43,22 +49,16 @@ def test_guidance_weights():
 
 @pytest.fixture(scope="module")
 def trained_bundle(generated_root, tmp_path_factory) -> str:
-    from tests.test_train import small_config
-    from vla import bundle
-    from vla import train as train_lib
-
     workdir = str(tmp_path_factory.mktemp("rtc_train"))
     config = small_config(generated_root, total_steps=RTC_TRAIN_STEPS, checkpoint_every=RTC_TRAIN_STEPS,
                           log_every=RTC_TRAIN_STEPS, eval_batches=0, **{"knobs.flow_steps": RTC_FLOW_STEPS})
-    train_lib.train(config, workdir)
+    train_lib.train(train_lib.prepare(config, workdir))
     return bundle.export(workdir, os.path.join(workdir, "bundle"), dtype="float32", batch_size=1,
                          progress=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def policy(trained_bundle):
-    from vla.policy import Policy
-
     return Policy.from_bundle(trained_bundle)
 
 
@@ -66,8 +66,6 @@ def policy(trained_bundle):
 def streams(policy) -> list[list[dict]]:
     """Observations at the policy's control rate while the scripted expert drives the arm (2 tasks x
     2 scenes): every executor sees the same observations, so modes compare switch by switch."""
-    from data.metaworld_env import CONTROL_HZ, MetaWorldEnv
-
     m = policy.metadata
     hold = round(CONTROL_HZ / m["control_hz"])  # env steps per control tick
     out = []
@@ -94,10 +92,9 @@ def guided(request):
     π0 is the trained policy's model on an observation of its task, π0.5 a random tiny model whose
     zero-initialized adaRMS gates are randomized (else they silence the action expert's layers)."""
     if request.param == "pi0":
-        from vla import bundle
-
         path = request.getfixturevalue("trained_bundle")
-        graphdef, _ = bundle.abstract_model(bundle.read_config(path))
+        graphdef, _ = bundle.abstract_model(bundle.model_spec(
+            specs.build(bundle.read_config(path)), bundle.read_json(path, bundle.METADATA_FILE)))
         model = nnx.merge(graphdef, nnx.restore_int_paths(bundle.read_params(path)))
         policy, streams = request.getfixturevalue("policy"), request.getfixturevalue("streams")
         batch = jax.tree.map(jnp.asarray, policy.batch(streams[0][5]))

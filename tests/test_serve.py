@@ -15,6 +15,7 @@ from websockets.sync.client import connect
 
 from vla import msgpack_numpy
 from vla.client import PolicyClient, PolicyServerError, blank_observation
+from vla.policy import Policy
 from vla.serve import PolicyServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,8 +73,6 @@ def test_msgpack_numpy_refuses_malformed_arrays(fields, match):
 
 @pytest.fixture(scope="module")
 def policy(bundle_dir):
-    from vla.policy import Policy
-
     return Policy.from_bundle(bundle_dir, warmup=False)  # compiles what the tests use, on first use
 
 

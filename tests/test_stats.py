@@ -1,10 +1,16 @@
 """Statistics match numpy on generated arrays (serial and over worker processes); normalizers."""
+import dataclasses
 import functools
+import json
+import os
 
 import numpy as np
 import pytest
 
-from data import normalize, rlds, stats, windows
+from configs import specs
+from data import fast_targets, normalize, rlds, stats, windows
+from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
+from tools.stats import compute_stats
 
 
 def _dataset(seed: int, n: int = 12) -> windows.ArrayDataset:
@@ -103,11 +109,8 @@ def test_unknown_normalization_is_an_error():
 
 
 def test_compute_stats_on_generated_data(generated_root):
-    from data import rlds
-    from tests.data_fixtures import tiny_config
-
-    config = tiny_config()
-    result = stats.compute_stats(generated_root, config, workers=2, progress=False)
+    data = dataclasses.replace(specs.build(tiny_config()).data, root=generated_root)
+    result = compute_stats(data, workers=2, progress=False)
     path = f"{generated_root}/metaworld_rlds"
     assert stats.load_stats(path) == result["metaworld"]
     ds = rlds.RobotDataset(path, "metaworld", split="train")
@@ -147,13 +150,8 @@ def test_unreadable_episodes_are_skipped_and_counted():
 
 def test_fast_fit_beside_stats_keyed_by_knobs(generated_root):
     """The fixture's postprocess fit FAST (tiny_config has data.fast_targets on)."""
-    import json
-    import os
-
-    from data import fast_targets
-    from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
-
     config = tiny_config()
+    config.data.root = generated_root
     dataset_dir = f"{generated_root}/metaworld_rlds"
     fit = f"{dataset_dir}/fast/h10_20hz"  # demo knobs: 0.5 s at 20 Hz
     assert sorted(os.listdir(fit)) == ["bpe.model", "fast.json", "meta.json"]
@@ -164,13 +162,14 @@ def test_fast_fit_beside_stats_keyed_by_knobs(generated_root):
     assert 1 <= meta["report"]["mean_tokens"] <= meta["report"]["max_tokens"] < 40
     # Rounding DCT coefficients to 1/scale: per value at most sqrt(H) * 0.5 / scale.
     assert meta["report"]["max_abs_error"] <= 10 ** 0.5 * 0.5 / meta["scale"]
-    actions = fast_targets.load_for_source(generated_root, dict(config.data.sources.metaworld),
-                                           config)
+    data = specs.build(config).data
+    actions = fast_targets.load_for_source(data.source("metaworld"), data)
     assert (actions.horizon, actions.action_dim, actions.vocab_size) == (10, 4, TINY_FAST_VOCAB)
     # Another horizon (chunk_s) or rate finds no fit, and says which fits exist.
     config.knobs.chunk_s = 1.0
     with pytest.raises(FileNotFoundError, match=r"horizon 20 at 20 Hz.*h10_20hz"):
-        fast_targets.load_for_source(generated_root, dict(config.data.sources.metaworld), config)
+        data = specs.build(config).data
+        fast_targets.load_for_source(data.source("metaworld"), data)
     with pytest.raises(FileNotFoundError, match="horizon 10 at 40 Hz"):
         fast_targets.load(dataset_dir, 10, 40.0, "quantile")
     with pytest.raises(ValueError, match="'quantile'-normalized"):
@@ -180,8 +179,6 @@ def test_fast_fit_beside_stats_keyed_by_knobs(generated_root):
 
 
 def test_fast_sample_is_bounded_and_matches_the_windows():
-    from data import fast_targets
-
     ds = _dataset(1)
     spec = windows.WindowSpec(frames=1, stride_s=0.1, control_hz=5.0, horizon=4, cameras=())
     norm = normalize.Normalizer(np.zeros(2, np.float32), np.full(2, 2.0, np.float32))

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.data_fixtures import tiny_config
@@ -47,7 +48,7 @@ def read_metrics(workdir: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(generated_root, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("train"))
-    final = train_lib.train(small_config(generated_root), workdir)
+    final = train_lib.train(train_lib.prepare(small_config(generated_root), workdir))
     return workdir, final
 
 
@@ -83,7 +84,7 @@ def test_checkpoint_metadata_carries_config_stats_and_tokenizer(trained):
 def test_rerun_of_finished_workdir_resumes_at_the_end(trained, generated_root):
     workdir, _ = trained
     before = read_metrics(workdir)
-    train_lib.train(small_config(generated_root), workdir)
+    train_lib.train(train_lib.prepare(small_config(generated_root), workdir))
     after = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in after] == [1, 2, 3, 4]
     assert [r["loss"] for r in after] == [r["loss"] for r in before if "loss" in r]
@@ -93,22 +94,22 @@ def test_inconsistent_knobs_fail_before_anything_runs(tmp_path):
     c = small_config("/nonexistent")
     c.knobs.chunk_s, c.knobs.control_hz, c.knobs.steps_executed = 0.25, 20.0, 10
     with pytest.raises(ValueError, match="fewer than steps_executed"):
-        train_lib.train(c, str(tmp_path))
+        train_lib.prepare(c, str(tmp_path))
     c = small_config("/nonexistent", **{"optimizer.grad_accum_steps": 3})
     with pytest.raises(ValueError, match="microbatches"):
-        train_lib.train(c, str(tmp_path))
+        train_lib.prepare(c, str(tmp_path))
 
 
 def test_vocab_smaller_than_tokenizer_is_an_error(generated_root, tmp_path):
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
-        train_lib.train(small_config(generated_root, **{"model.vocab_size": 16}), str(tmp_path))
+        train_lib.prepare(small_config(generated_root, **{"model.vocab_size": 16}), str(tmp_path))
 
 
 def test_context_stride_finer_than_dataset_rate_is_an_error(generated_root, tmp_path):
     with pytest.raises(ValueError, match="finer than the dataset"):
-        train_lib.train(small_config(generated_root, **{"knobs.context_frames": 2,
-                                                        "knobs.context_stride_s": 0.001}),
-                        str(tmp_path))
+        train_lib.prepare(small_config(generated_root, **{"knobs.context_frames": 2,
+                                                          "knobs.context_stride_s": 0.001}),
+                          str(tmp_path))
 
 
 def test_unknown_config_key_is_rejected_on_the_command_line(tmp_path):
@@ -125,7 +126,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(generated_ro
     c = small_config(generated_root, total_steps=12, checkpoint_every=1, eval_batches=0,
                      **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0, "optimizer.clip_norm": 1e30})
     with pytest.raises(FloatingPointError, match=r"step \d+") as info:
-        train_lib.train(c, str(tmp_path))
+        train_lib.train(train_lib.prepare(c, str(tmp_path)))
     bad = int(re.search(r"step (\d+)", str(info.value)).group(1))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
     assert steps and steps[-1] == bad - 1
@@ -150,38 +151,36 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
                     mask["decoder"]["embedder"], mask["decoder"]["experts"]["0"]["pre_ffw_norm"]])
 
 
-def test_frozen_parameters_do_not_move_and_bad_patterns_fail():
-    from ml_collections import ConfigDict
+def _optimizer(**fields) -> optimizer_lib.OptimizerSpec:
+    return optimizer_lib.OptimizerSpec(**{**dict(
+        lr=0.1, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        clip_norm=1.0, ema_decay=0.0, grad_accum_steps=1, freeze=(), total_steps=10), **fields})
 
+
+def test_frozen_parameters_do_not_move_and_bad_patterns_fail():
     params = {"vit": {"w": jnp.ones((3, 3))}, "decoder": {"w": jnp.ones((3, 3))}}
-    opt = ConfigDict(dict(lr=0.1, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                          weight_decay=0.1, clip_norm=1.0, freeze=("^vit/",)))
-    tx = optimizer_lib.make_optimizer(opt, 10, params)
+    opt = _optimizer(freeze=("^vit/",))
+    tx = optimizer_lib.make_optimizer(opt, params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert not np.any(updates["vit"]["w"]) and np.all(updates["decoder"]["w"] < 0)
-    opt.freeze = ("^nothing/",)
     with pytest.raises(ValueError, match="matches no parameter"):
-        optimizer_lib.make_optimizer(opt, 10, params)
+        optimizer_lib.make_optimizer(_optimizer(freeze=("^nothing/",)), params)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    from ml_collections import ConfigDict
-
-    sched = optimizer_lib.learning_rate(ConfigDict(dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)), 100)
+    sched = optimizer_lib.learning_rate(_optimizer(lr=1.0, warmup_steps=10, total_steps=100))
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0)
     assert float(sched(100)) == pytest.approx(0.1) and float(sched(55)) < 1.0
 
 
 def test_init_from_loads_parameters_and_accumulation_runs(trained, generated_root, tmp_path):
     """A run started from another's parameters (π0.5 stage 2), with two microbatches per step."""
-    import orbax.checkpoint as ocp
-
     source, _ = trained
     c = small_config(generated_root, total_steps=1, eval_batches=0, init_from=source, batch_size=16,
                      **{"optimizer.lr": 0.0,  # a zero step: the parameters stay as loaded
                         "optimizer.grad_accum_steps": 2})
-    final = train_lib.train(c, str(tmp_path))
+    final = train_lib.train(train_lib.prepare(c, str(tmp_path)))
     assert np.isfinite(final["loss"]) and final["grad_norm"] > 0 and final["flow_loss/metaworld"] > 0
     load = lambda d, s: ocp.StandardCheckpointer().restore(os.path.join(d, "checkpoints", s, "state"))
     theirs, ours = load(source, "4")["params"], load(str(tmp_path), "1")["params"]

@@ -9,28 +9,21 @@ Each row builds a fresh pipeline (source alone = that source at weight 1), disca
 --warmup batches (worker start-up, file opening) and times the next --batches batches.
 Wall time and this process's CPU time are both printed: on a shared machine wall time swings.
 """
-import copy
+import dataclasses
 import os
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import specs
 from data import pipeline
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_ROOT = flags.DEFINE_string("data_root", None, "Data root; default config.data.root.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to compare.")
-_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per row.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches per row.")
+from data.spec import DataSpec
 
 
-def measure(config, workers: int, batches: int, warmup: int, data_root: str | None
-            ) -> tuple[float, float]:
+def measure(data: DataSpec, batches: int, warmup: int) -> tuple[float, float]:
     """(examples/s by wall time, main-process CPU seconds per example) of one pipeline."""
-    config = copy.deepcopy(config)
-    config.data.workers = workers
-    it = pipeline.make_pipeline(config, process_index=0, process_count=1, data_root=data_root)
+    it = pipeline.make_pipeline(data, process_index=0, process_count=1)
     try:
         for _ in range(warmup):
             next(it)
@@ -40,30 +33,45 @@ def measure(config, workers: int, batches: int, warmup: int, data_root: str | No
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         it.close()
-    n = batches * config.batch_size
+    n = batches * data.batch_size
     return n / wall, cpu / n
 
 
 def main(argv):
+    """Prints one row per source (and the mixture) and worker count."""
     del argv
     logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset opening at INFO
-    config = _CONFIG.value
-    names = sorted(config.data.sources)
-    rows = [(name, {n: float(n == name) for n in names}) for name in names]
-    rows.append(("mixture", {n: float(config.data.sources[n]["weight"]) for n in names}))
-    print(f"batch {config.batch_size}, {len(config.model.cameras)} cameras x "
-          f"{config.knobs.context_frames} frames at {config.model.image_size}^2, "
-          f"{os.cpu_count()} CPUs")
+    f = flags.FLAGS
+    data = specs.build(f.config).data
+    if f.data_root:
+        data = dataclasses.replace(data, root=f.data_root)
+    rows = [(s.name, tuple(dataclasses.replace(o, weight=float(o is s)) for o in data.sources))
+            for s in data.sources]
+    rows.append(("mixture", data.sources))
+    lay = data.layout
+    print(f"batch {data.batch_size}, {len(lay.cameras)} cameras x {lay.frames} frames at "
+          f"{lay.image_size}^2, {os.cpu_count()} CPUs")
     print(f"{'source':<16}{'workers':>8}{'examples/s':>12}{'main CPU ms/ex':>16}")
-    for label, weights in rows:
-        cfg = copy.deepcopy(config)
-        for n, w in weights.items():
-            cfg.data.sources[n]["weight"] = w
-        for workers in map(int, _WORKERS.value):
-            rate, cpu = measure(cfg, workers, _BATCHES.value, _WARMUP.value, _ROOT.value)
+    for label, sources in rows:
+        for workers in map(int, f.workers):
+            rate, cpu = measure(dataclasses.replace(data, sources=sources, workers=workers),
+                                f.batches, f.warmup)
             print(f"{label:<16}{workers:>8}{rate:>12.1f}{cpu * 1e3:>16.2f}", flush=True)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command line: python -m tools.bench_data --help."""
+    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    flags.DEFINE_string("data_root", None, "Data root holding the config's sources (default: config.data.root).")
+    flags.DEFINE_list("workers", ["0", "1", "2"], "Comma-separated reader worker counts to compare, one row each "
+                      "(0: read ahead in a thread of this process).")
+    flags.DEFINE_integer("batches", 20, "Timed batches per row.")
+    flags.DEFINE_integer("warmup", 2, "Untimed batches per row, before the timed ones (worker start-up, file "
+                         "opening).")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -14,25 +14,22 @@ donated as in a real trainer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from vla.models.vla import VLA, VLAConfig, random_batch
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_BATCH = flags.DEFINE_integer("batch_size", None, "Training batch; default config.batch_size.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warmup step).")
-_SAMPLES = flags.DEFINE_integer("samples", 5, "Timed sample_actions calls (after one warmup call).")
+from configs import specs
+from vla.models.vla import VLA, random_batch
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
@@ -51,12 +48,12 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"  # KiB on Linux
 
 
-def benchmark(config, batch_size: int, steps: int, samples: int) -> dict[str, Any]:
+def benchmark(spec: specs.RunSpec, batch_size: int, steps: int, samples: int) -> dict[str, Any]:
     """Times compile, train steps and batch-1 sampling: rows {name: (wall s, cpu s)}, loss, params,
     peak memory."""
-    cfg = VLAConfig.from_config(config)
-    graphdef, params = nnx.split(VLA(cfg, rngs=nnx.Rngs(config.seed)))
-    tx = optax.adamw(config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
+    cfg = spec.model
+    graphdef, params = nnx.split(VLA(cfg, rngs=nnx.Rngs(spec.train.seed)))
+    tx = optax.adamw(spec.optimizer.lr, weight_decay=spec.optimizer.weight_decay)
     opt_state = tx.init(params)
     batch = jax.tree.map(jnp.asarray, random_batch(cfg, batch_size))
 
@@ -68,7 +65,7 @@ def benchmark(config, batch_size: int, steps: int, samples: int) -> dict[str, An
         return optax.apply_updates(params, updates), opt_state, loss
 
     def sample(params, batch, rng):
-        return nnx.merge(graphdef, params).sample_actions(batch, rng=rng, num_steps=config.knobs.flow_steps)
+        return nnx.merge(graphdef, params).sample_actions(batch, rng=rng, num_steps=spec.control.flow_steps)
 
     one = jax.tree.map(lambda x: x[:1], batch)
     rows: dict[str, tuple[float, float]] = {}
@@ -81,12 +78,13 @@ def benchmark(config, batch_size: int, steps: int, samples: int) -> dict[str, An
 
     times = []
     for i in range(steps + 1):  # the first call is warmup
-        wall, cpu, (params, opt_state, loss) = _timed(lambda: step(params, opt_state, batch, jax.random.key(i)))
+        wall, cpu, (params, opt_state, loss) = _timed(functools.partial(step, params, opt_state, batch,
+                                                                        jax.random.key(i)))
         times.append((wall, cpu))
     walls, cpus = np.array(times[1:]).T
     rows[f"train step, batch {batch_size} (median of {steps})"] = (np.median(walls), np.median(cpus))
 
-    times = [_timed(lambda: infer(params, one, jax.random.key(i)))[:2] for i in range(samples + 1)]
+    times = [_timed(functools.partial(infer, params, one, jax.random.key(i)))[:2] for i in range(samples + 1)]
     walls, cpus = np.array(times[1:]).T
     rows[f"sample_actions, batch 1 (median of {samples})"] = (np.median(walls), np.median(cpus))
     rows["sample_actions, batch 1 (p99)"] = (np.percentile(walls, 99), np.percentile(cpus, 99))
@@ -107,13 +105,26 @@ def format_table(result: dict[str, Any], device: str) -> str:
 
 
 def main(argv):
+    """Runs the benchmark and prints the table."""
     del argv
-    config = _CONFIG.value
-    result = benchmark(config, _BATCH.value or config.batch_size, _STEPS.value, _SAMPLES.value)
+    f = flags.FLAGS
+    spec = specs.build(f.config)
+    result = benchmark(spec, f.batch_size or spec.train.batch_size, f.steps, f.samples)
     device = jax.devices()[0]
     print(format_table(result, f"{device.platform} ({device.device_kind}, {jax.device_count()} devices visible)"))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command line: python -m tools.bench_model --help."""
+    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    flags.DEFINE_integer("batch_size", None, "Batch size of the timed train step (default: config.batch_size); "
+                         "sampling is timed at batch 1.")
+    flags.DEFINE_integer("steps", 3, "Timed train steps (after one untimed warmup step).")
+    flags.DEFINE_integer("samples", 5, "Timed sample_actions calls (after one untimed warmup call).")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -6,7 +6,7 @@ and the policy server's round trip over loopback websockets.
 Prints one line per measurement (median, p99, max in milliseconds) and, with --json, the same as
 JSON. Observations are camera frames of --image_size² (0 = the model's own size, no resize) with a
 zero state, so the figures include the resize the policy does for real cameras. Record results in
-BENCHMARKS.md with the machine and date; CPU timings swing with load (FACTS.md).
+BENCHMARKS.md with the machine and date; CPU timings swing by up to 2x with load (see there).
 """
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
+from absl import app, flags, logging
+
+from vla.client import PolicyClient
+from vla.policy import Policy
+from vla.serve import PolicyServer
 
 
 def timed(call: Callable[[], object], n: int) -> dict[str, float]:
@@ -38,10 +44,6 @@ def observation(metadata: dict, image_size: int) -> dict:
 
 
 def bench(bundle: str, n: int, image_size: int) -> dict[str, dict[str, float]]:
-    from vla.client import PolicyClient
-    from vla.policy import Policy
-    from vla.serve import PolicyServer
-
     start = time.perf_counter()
     policy = Policy.from_bundle(bundle, warmup=True)
     m = policy.metadata
@@ -60,9 +62,7 @@ def bench(bundle: str, n: int, image_size: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Sequence[str]) -> None:
-    import jax
-    from absl import flags, logging
-
+    """Runs the benchmark and prints one line per measurement (and, with --json, the JSON)."""
     del argv
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
@@ -78,11 +78,16 @@ def main(argv: Sequence[str]) -> None:
         print(json.dumps(results, indent=2))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("bundle", None, "Bundle directory (python -m tools.export).", required=True)
-    flags.DEFINE_integer("n", 200, "Timed calls per measurement (after one warm-up call).")
-    flags.DEFINE_integer("image_size", 224, "Camera frame size sent (0 = the model's input size).")
+def define_flags() -> None:
+    """The command line: python -m tools.bench_policy --help."""
+    flags.DEFINE_string("bundle", None, "Bundle directory written by python -m tools.export (required).",
+                        required=True)
+    flags.DEFINE_integer("n", 200, "Timed calls per measurement (after one untimed warm-up call).")
+    flags.DEFINE_integer("image_size", 224, "Side in pixels of the square camera frames sent (0 = the model's "
+                         "input size, so no resize).")
     flags.DEFINE_bool("json", False, "Also print the results as JSON.")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -24,9 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
+from vla import sharding
 from vla import train as train_lib
 
 
@@ -46,7 +50,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
     return _since(start), out
 
 
-def benchmark(config, steps: int = 30, warmup: int = 3, saves: int = 2,
+def benchmark(config: ml_collections.ConfigDict, steps: int = 30, warmup: int = 3, saves: int = 2,
               workdir: str | None = None) -> dict[str, Any]:
     """Rows {name: (wall s, cpu s)} and rates {name: value} of the config's trainer."""
     if steps < 1 or warmup < 0 or saves < 0:
@@ -55,7 +59,7 @@ def benchmark(config, steps: int = 30, warmup: int = 3, saves: int = 2,
         return _benchmark(config, steps, warmup, saves, workdir or tmp)
 
 
-def _benchmark(config, steps: int, warmup: int, saves: int, workdir: str) -> dict[str, Any]:
+def _benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, saves: int, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     rows: dict[str, tuple[float, float]] = {}
     start = _clock()
@@ -65,8 +69,9 @@ def _benchmark(config, steps: int, warmup: int, saves: int, workdir: str) -> dic
         raise ValueError(f"{workdir} already holds checkpoints; benchmark in an empty workdir")
     data, mesh, ckpt, state = run.data, run.mesh, run.ckpt, run.state
     try:
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(run.rules):
-            batch = train_lib.global_batch(next(data), mesh)
+        rules = run.spec.mesh.rules
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            batch = sharding.global_batch(next(data), mesh, rules)
             rows["compile train step"], step_fn = _timed(
                 lambda: run.train_step.lower(state, batch).compile())
 
@@ -78,7 +83,7 @@ def _benchmark(config, steps: int, warmup: int, saves: int, workdir: str) -> dic
                     break
                 t0 = time.perf_counter()
                 if i:  # the first batch is the one compiled against
-                    batch = train_lib.global_batch(next(data), mesh)
+                    batch = sharding.global_batch(next(data), mesh, rules)
                 waits.append(time.perf_counter() - t0)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
@@ -103,7 +108,7 @@ def _benchmark(config, steps: int, warmup: int, saves: int, workdir: str) -> dic
                 ckpt.wait()
                 save_rows.append((blocking, _since(t0)))
                 if k + 1 < saves:  # a new step to save: one more train step
-                    state, _ = step_fn(state, train_lib.global_batch(next(data), mesh))
+                    state, _ = step_fn(state, sharding.global_batch(next(data), mesh, rules))
             if save_rows:
                 block = np.median([r[0] for r in save_rows], axis=0)
                 total = np.median([r[1] for r in save_rows], axis=0)
@@ -115,14 +120,15 @@ def _benchmark(config, steps: int, warmup: int, saves: int, workdir: str) -> dic
         ckpt.wait()
         ckpt.close()
 
-    peak = train_lib.peak_flops(config)
-    tp = train_lib.throughput(config, step_wall, peak)
+    t = run.spec.train
+    peak = train_lib.peak_flops(t.chip)
+    tp = train_lib.throughput(run.spec.model, t.batch_size, step_wall, peak)
     rates = {"steps/s": 1.0 / step_wall, "examples/s": tp["examples_per_s"],
              "tokens/s": tp["tokens_per_s"], "MFU": tp["mfu"],
              "data-wait fraction": float(waits_t.sum() / walls.sum()),
              "peak FLOP/s": peak}
     return dict(rows=rows, rates=rates, loss=loss, params=sum(x.size for x in jax.tree.leaves(state["params"])),
-                batch_size=int(config.batch_size), chip=config.chip, mesh=dict(mesh.shape))
+                batch_size=t.batch_size, chip=t.chip, mesh=dict(mesh.shape))
 
 
 def format_table(result: dict[str, Any], device: str) -> str:
@@ -145,8 +151,7 @@ def format_table(result: dict[str, Any], device: str) -> str:
 
 
 def main(argv) -> None:
-    from absl import flags, logging
-
+    """Runs the benchmark and prints the table."""
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every file at INFO
     f = flags.FLAGS
@@ -156,15 +161,18 @@ def main(argv) -> None:
                                f"{jax.device_count()} devices)"))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).",
-                                    lock_config=True)
-    flags.DEFINE_integer("steps", 30, "Timed train steps (after warmup and compile).")
+def define_flags() -> None:
+    """The command line: python -m tools.bench_train --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_integer("steps", 30, "Timed train steps (after the warmup steps and the compile).")
     flags.DEFINE_integer("warmup", 3, "Untimed train steps after the compile.")
-    flags.DEFINE_integer("saves", 2, "Checkpoint saves timed (one train step between them).")
-    flags.DEFINE_string("workdir", None, "Where checkpoints go; default a temporary directory.")
+    flags.DEFINE_integer("saves", 2, "Checkpoint saves timed (one train step between them; 0 times none).")
+    flags.DEFINE_string("workdir", None, "Where the checkpoints go; it must not hold checkpoints already "
+                        "(default: a temporary directory, deleted afterwards).")
     flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -32,6 +32,7 @@ def _run(command: list[str]) -> float:
 
 
 def main(argv: list[str]) -> None:
+    """Runs the four stages and prints the time each took."""
     del argv
     f = flags.FLAGS
     workdir = f.workdir
@@ -52,8 +53,14 @@ def main(argv: list[str]) -> None:
           f"{workdir}/loss.png; bundle: {bundle}; success table, JSON and rollout GIFs: {results}")
 
 
+def define_flags() -> None:
+    """The command line: python -m tools.demo --help."""
+    flags.DEFINE_string("workdir", "runs/demo", "Where the data (WORKDIR/data), checkpoints, logs, bundle "
+                        "(WORKDIR/bundle) and evaluation results (WORKDIR/eval) go.")
+    flags.DEFINE_bool("regenerate", False, "Generate the data again even if WORKDIR/data already holds it.")
+    flags.DEFINE_integer("episodes", 10, "Closed-loop evaluation episodes per task (LeRobot's protocol: 10).")
+
+
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "runs/demo", "Where data, checkpoints, logs, bundle and results go.")
-    flags.DEFINE_bool("regenerate", False, "Generate the data again even if it exists.")
-    flags.DEFINE_integer("episodes", 10, "Closed-loop episodes per task (LeRobot's protocol: 10).")
+    define_flags()
     app.run(main)

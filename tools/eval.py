@@ -16,8 +16,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags, logging
+
+from configs import specs
 from vla import bundle as bundle_lib
 from vla import sim_eval
+from vla.policy import Policy
+from vla.rtc import MODES
 
 
 def default_out(bundle: str) -> str:
@@ -26,15 +31,14 @@ def default_out(bundle: str) -> str:
 
 def run(bundle: str, tasks: str = "", out: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Loads the bundle and runs sim_eval.evaluate_policy (kwargs: its options) into `out`."""
-    from vla.policy import Policy
-
-    tasks = tasks or ",".join(bundle_lib.read_config(bundle).data.tasks)
+    tasks = tasks or ",".join(specs.build(bundle_lib.read_config(bundle)).generation.tasks)
     sim_eval.resolve_tasks(tasks)  # a typo fails before the policy compiles
     policy = Policy.from_bundle(bundle, warmup=True)
     return sim_eval.evaluate_policy(policy, tasks, out_dir=out or default_out(bundle), **kwargs)
 
 
 def main(argv: Sequence[str]) -> None:
+    """Evaluates the bundle, prints the success table and writes the results to --out."""
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax narrates the parameter restore at INFO
     f = flags.FLAGS
@@ -49,21 +53,29 @@ def main(argv: Sequence[str]) -> None:
           f"results in {out}")
 
 
-if __name__ == "__main__":
-    from absl import app, flags, logging
-
-    from vla.rtc import MODES
-
-    flags.DEFINE_string("bundle", None, "Bundle directory (python -m tools.export).")
-    flags.DEFINE_string("tasks", "", "Task and group names, comma-separated (default: the "
-                        "bundle's training tasks).")
+def define_flags() -> None:
+    """The command line: python -m tools.eval --help."""
+    flags.DEFINE_string("bundle", None, "Bundle directory written by python -m tools.export (required).")
+    flags.DEFINE_string("tasks", "", "Task and group names, comma-separated: mt10, mt50, easy, medium, hard, "
+                        "very_hard, reach-v3, ... (default: the tasks the bundle's run trained on).")
     flags.DEFINE_integer("episodes", sim_eval.EPISODES, "Episodes per task.")
-    flags.DEFINE_integer("seed", 0, "Scene seed (episode seeds derive from it, the task and the index).")
-    flags.DEFINE_integer("max_steps", sim_eval.MAX_STEPS, "Env steps (80 Hz) per episode.")
-    flags.DEFINE_integer("gifs", 2, "Episodes per task saved as GIFs.")
-    flags.DEFINE_enum("mode", "sync", list(MODES), "Chunk execution (vla/rtc.py).")
-    flags.DEFINE_integer("inference_delay", 0, "Control ticks an inference takes (naive / rtc).")
-    flags.DEFINE_integer("steps_executed", None, "Actions executed per chunk (default: the bundle's).")
-    flags.DEFINE_string("out", None, "Output directory (default: BUNDLE-eval).")
+    flags.DEFINE_integer("seed", 0, "Scene seed; each episode's seed derives from it, the task and the episode's "
+                         "index.")
+    flags.DEFINE_integer("max_steps", sim_eval.MAX_STEPS, "Env steps (80 Hz) per episode at most; an episode that "
+                         "has not succeeded by then fails.")
+    flags.DEFINE_integer("gifs", 2, "Episodes per task saved as GIFs in OUT/gifs/ (the first ones).")
+    flags.DEFINE_enum("mode", "sync", list(MODES), "How action chunks are executed (vla/rtc.py): sync waits for "
+                      "each inference; naive and rtc run the next inference while the current chunk executes "
+                      "(rtc, real-time chunking, makes the new chunk continue the old one).")
+    flags.DEFINE_integer("inference_delay", 0, "Control ticks an inference takes in the naive and rtc modes "
+                         "(simulated: counted in ticks, not wall time).")
+    flags.DEFINE_integer("steps_executed", None, "Actions executed per chunk before the next one (default: the "
+                         "bundle's).")
+    flags.DEFINE_string("out", None, "Output directory for results.json, results.md and gifs/ (default: "
+                        "BUNDLE-eval next to the bundle).")
     flags.mark_flag_as_required("bundle")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

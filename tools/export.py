@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from absl import app, flags, logging
+
+from vla import bundle
+
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags, logging
-
-    from vla import bundle
-
+    """Exports the checkpoint as a bundle, printing progress; exits with the reason if it cannot."""
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax narrates every file, and warns about read-only use
     f = flags.FLAGS
@@ -29,15 +30,21 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f"export failed: {e}") from e
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "The training run (its checkpoints/ directory is read).")
+def define_flags() -> None:
+    """The command line: python -m tools.export --help."""
+    flags.DEFINE_string("workdir", None, "The training run's directory; its checkpoints/ directory is read "
+                        "(required).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_string("out", None, "Bundle directory to write.")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype in the bundle.")
-    flags.DEFINE_integer("batch_size", 1, "Batch size of the exported action sampler.")
-    flags.DEFINE_string("platforms", "", "Comma-separated platforms to export for (cpu, cuda, rocm, tpu).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out.")
+    flags.DEFINE_string("out", None, "Bundle directory to write (required).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype the parameters are cast to in the "
+                      "bundle.")
+    flags.DEFINE_integer("batch_size", 1, "Batch size of the exported action sampler (observations per call).")
+    flags.DEFINE_string("platforms", "", "Comma-separated platforms to export the sampler for: cpu, cuda, rocm, "
+                        "tpu (default: this machine's backend).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out (otherwise the export fails).")
     flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -8,6 +8,7 @@ Writes Meta-World expert episodes (RLDS, with the subtask of every step), scene 
 examples, narrated video clips, the SentencePiece tokenizer, normalization statistics and, when
 config.data.fast_targets (configs/pi05.py), the FAST action tokenizer under --out.
 """
+import dataclasses
 import os
 import time
 
@@ -15,45 +16,73 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data.generation import Settings, generate, postprocess
+from configs import specs
+from data import fast_targets
+from data.generation import Settings, generate
+from data.tokenizer import train_sentencepiece
+from tools.stats import compute_stats
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory (config.data.root by convention).")
-_PROCESSES = flags.DEFINE_integer("processes", os.cpu_count(), "Rollout worker processes.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing datasets under --out.")
-_SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Do not train the tokenizer.")
-_SKIP_STATS = flags.DEFINE_bool("skip_stats", False, "Do not compute normalization stats (nor "
-                                 "fit the FAST tokenizer, which needs them).")
-_CLIP_FRAMES = flags.DEFINE_integer("clip_frames", Settings.clip_frames, "Frames per video clip.")
-_CLIP_STRIDE = flags.DEFINE_integer("clip_stride", Settings.clip_stride,
-                                    "Control steps (1/80 s) between a clip's frames.")
-_VIDEO_ROLLOUTS = flags.DEFINE_integer("video_rollouts_per_task", None,
-                                       "Non-expert rollouts per task (default: a quarter of "
-                                       "config.data.episodes_per_task).")
-_SCENE_FRAMES = flags.DEFINE_integer("scene_frames_per_episode", Settings.scene_frames_per_episode,
-                                     "Frames per train episode labelled for scenes_vl.")
+
+def postprocess(out: str, spec: specs.RunSpec, texts: list[str], tokenizer: bool = True,
+                stats: bool = True) -> None:
+    """Ships beside the data under `out`: the tokenizer trained on `texts`, the normalization
+    statistics and, when the run asks for FAST targets, the FAST action tokenizer (fit on
+    normalized chunks, so after the statistics)."""
+    if tokenizer:
+        train_sentencepiece(texts, os.path.join(out, spec.data.tokenizer),
+                            spec.generation.tokenizer_vocab_size)
+    if stats:
+        data = dataclasses.replace(spec.data, root=out)
+        compute_stats(data)
+        if data.fast.enabled:
+            fast_targets.fit_sources(data)
 
 
 def main(argv: list[str]) -> None:
+    """Generates everything under --out and prints what was kept and dropped per task."""
     del argv
+    f = flags.FLAGS
     start = time.time()
-    config, out = _CONFIG.value, _OUT.value
+    config, out = f.config, f.out
     if config is None or out is None:
         raise app.UsageError("--config and --out are required")
     logging.set_verbosity(logging.WARNING)
     tfds.display_progress_bar(False)  # ours shows rollouts; TFDS would print per split
-    settings = Settings(tuple(config.data.render_cameras), int(config.model.image_size),
-                        scene_frames_per_episode=_SCENE_FRAMES.value,
-                        clip_frames=_CLIP_FRAMES.value, clip_stride=_CLIP_STRIDE.value)
-    summary = generate(config, out, _PROCESSES.value, _OVERWRITE.value, settings,
-                       _VIDEO_ROLLOUTS.value)
-    postprocess(out, config, summary["texts"], tokenizer=not _SKIP_TOKENIZER.value,
-                stats=not _SKIP_STATS.value)
+    spec = specs.build(config)
+    gen = spec.generation
+    settings = Settings(gen.cameras, gen.image_size,
+                        scene_frames_per_episode=f.scene_frames_per_episode,
+                        clip_frames=f.clip_frames, clip_stride=f.clip_stride)
+    summary = generate(gen, out, f.processes, f.overwrite, settings, f.video_rollouts_per_task)
+    postprocess(out, spec, summary["texts"], tokenizer=not f.skip_tokenizer, stats=not f.skip_stats)
     per_task = ", ".join(f"{t} {summary['kept'].get(t, 0)} kept/{summary['dropped'].get(t, 0)} "
-                         f"dropped" for t in config.data.tasks)
+                         f"dropped" for t in gen.tasks)
     print(f"generated in {time.time() - start:.0f} s: {per_task}; "
           f"{summary['scene_examples']} scene examples, {summary['video_examples']} video clips"
           f" -> {out}")
 
+
+def define_flags() -> None:
+    """The command line: python -m tools.generate --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE, e.g. "
+                                    "--config.data.episodes_per_task=N.", lock_config=True)
+    flags.DEFINE_string("out", None, "Output directory, config.data.root by convention (required).")
+    flags.DEFINE_integer("processes", os.cpu_count(), "Rollout worker processes (default: this machine's CPU "
+                         "count).")
+    flags.DEFINE_bool("overwrite", False, "Replace existing datasets under --out.")
+    flags.DEFINE_bool("skip_tokenizer", False, "Do not train the SentencePiece tokenizer.")
+    flags.DEFINE_bool("skip_stats", False, "Do not compute normalization stats (nor fit the FAST tokenizer, which "
+                      "needs them).")
+    flags.DEFINE_integer("clip_frames", Settings.clip_frames, "Frames per narrated video clip.")
+    flags.DEFINE_integer("clip_stride", Settings.clip_stride, "Control steps (1/80 s each) between a clip's "
+                         "frames.")
+    flags.DEFINE_integer("video_rollouts_per_task", None, "Non-expert rollouts per task for the video clips "
+                         "(default: a quarter of config.data.episodes_per_task).")
+    flags.DEFINE_integer("scene_frames_per_episode", Settings.scene_frames_per_episode, "Frames per train episode "
+                         "labelled as scene vision-language examples (scenes_vl).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

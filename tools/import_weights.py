@@ -15,27 +15,37 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import specs
 from vla.models.paligemma_io import FORMATS, import_to_directory
-from vla.models.vla import VLAConfig
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config whose model the weights go into.",
-                                          lock_config=False)
-_FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Checkpoint layout.")
-_SRC = flags.DEFINE_string("src", None, "big_vision .npz, or a safetensors file or directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_TRUNCATE_VOCAB = flags.DEFINE_bool("truncate_vocab", False, "Keep the first model.vocab_size embedding rows of a "
-                                    "larger file (transformers' PaliGemma has 257216 rows, big_vision's 257152).")
 
 
 def main(argv):
+    """Imports the weights, writes the checkpoint and import.json, and prints what was imported."""
     del argv
-    config = _CONFIG.value
-    report = import_to_directory(VLAConfig.from_config(config), config.seed, _SRC.value, _FORMAT.value, _OUT.value,
-                                 truncate_vocab=_TRUNCATE_VOCAB.value)
+    f = flags.FLAGS
+    spec = specs.build(f.config)
+    report = import_to_directory(spec.model, spec.train.seed, f.src, f.format, f.out,
+                                 truncate_vocab=f.truncate_vocab)
     print(f"imported {len(report['imported'])} parameters from {report['source']} ({report['format']}); "
-          f"{len(report['kept'])} kept as initialized -> {_OUT.value}")
+          f"{len(report['kept'])} kept as initialized -> {f.out}")
+
+
+def define_flags() -> None:
+    """The command line: python -m tools.import_weights --help."""
+    config_flags.DEFINE_config_file("config", None, "Run config whose model the weights go into, configs/FILE.py "
+                                    "or configs/FILE.py:ARG (required); its seed initializes the rest.",
+                                    lock_config=False)
+    flags.DEFINE_enum("format", None, FORMATS, "Layout of the source checkpoint: big_vision (.npz) or hf "
+                      "(transformers' safetensors) (required).")
+    flags.DEFINE_string("src", None, "Source checkpoint: a big_vision .npz, or a safetensors file or directory "
+                        "(required).")
+    flags.DEFINE_string("out", None, "Output directory for the Orbax checkpoint (params/) and import.json "
+                        "(required).")
+    flags.DEFINE_bool("truncate_vocab", False, "Keep the first model.vocab_size embedding rows of a larger file "
+                      "(transformers' PaliGemma has 257216 rows, big_vision's 257152).")
+    flags.mark_flags_as_required(["config", "format", "src", "out"])
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "format", "src", "out"])
+    define_flags()
     app.run(main)

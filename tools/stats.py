@@ -1,5 +1,5 @@
 """Compute normalization statistics (and, with config.data.fast_targets, fit the FAST action
-tokenizer) for every robot source of a config.
+tokenizer) for every robot source of a config; the statistics core is data/stats.py.
 
     python -m tools.stats --config configs/demo.py [--data_root DIR] [--workers N]
 
@@ -7,34 +7,62 @@ Writes <data_root>/<source path>/stats.json (see data/stats.py for contents and 
 <data_root>/<source path>/fast/h{H}_{hz}hz/ with meta.json holding fast_report (see
 data/fast_targets.py).
 """
+import dataclasses
 import json
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from data import fast_targets, stats
+from configs import specs
+from data import fast_targets, rlds, stats
+from data.spec import DataSpec
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_ROOT = flags.DEFINE_string("data_root", None, "Data root; default config.data.root.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Reader processes; default config.data.workers.")
+
+def compute_stats(data: DataSpec, workers: int | None = None, progress: bool = True
+                  ) -> dict[str, dict]:
+    """Compute and save stats.json for every robot source of the data (over the train split:
+    heldout episodes do not leak into normalization). Returns {source name: stats}.
+    workers defaults to the data's reader workers."""
+    workers = data.workers if workers is None else workers
+    out = {}
+    for source in data.robot_sources:
+        directory = data.dataset_dir(source)
+        out[source.name] = stats.dataset_stats(rlds.robot_opener(directory, source.spec),
+                                               workers=workers, progress=progress,
+                                               errors=(rlds.CorruptRecordError,))
+        stats.save_stats(directory, out[source.name])
+    return out
 
 
 def main(argv):
+    """Computes (and writes) the statistics of every source and prints a summary of each."""
     del argv
-    config = _CONFIG.value
-    root = _ROOT.value or config.data.root
-    result = stats.compute_stats(root, config, workers=_WORKERS.value)
+    f = flags.FLAGS
+    data = specs.build(f.config).data
+    if f.data_root:
+        data = dataclasses.replace(data, root=f.data_root)
+    result = compute_stats(data, workers=f.workers)
     for name, s in result.items():
         print(f"{name}: {s['num_episodes']} episodes, {s['num_steps']} steps")
         for key in stats.KEYS:
             print(f"  {key}: " + json.dumps({k: s[key][k] for k in ("mean", "std", "q01", "q99")}))
-    if config.data.fast_targets:
-        for name, meta in fast_targets.fit_sources(root, config).items():
+    if data.fast.enabled:
+        for name, meta in fast_targets.fit_sources(data).items():
             print(f"{name}: FAST fit on {meta['fit_chunks']} chunks of horizon {meta['horizon']} "
                   f"at {meta['control_hz']:g} Hz, vocab {meta['vocab_size']}; fast_report on "
                   f"{meta['report_on']}: " + json.dumps(meta["report"]))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command line: python -m tools.stats --help."""
+    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    flags.DEFINE_string("data_root", None, "Data root holding the config's sources; the results are written there "
+                        "too (default: config.data.root).")
+    flags.DEFINE_integer("workers", None, "Reader processes (default: config.data.workers).")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

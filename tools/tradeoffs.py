@@ -13,16 +13,11 @@ import json
 from typing import Any
 
 from absl import app, flags
+from matplotlib.figure import Figure
 from ml_collections import config_flags
 
+from configs import specs
 from vla import cost
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_JSON = flags.DEFINE_bool("json", False, "Print a machine-readable dict instead of a table.")
-_CHIP = flags.DEFINE_enum("chip", "h100", sorted(cost.CHIPS) + ["cpu"], "Chip for the latency roofline.")
-_CPU_GFLOPS = flags.DEFINE_float("cpu_gflops", None, "With --chip=cpu: use this matmul GFLOP/s instead of measuring.")
-_SWEEP = flags.DEFINE_string("sweep", None, "KEY=v1,v2,... e.g. knobs.flow_steps=1,5,10.")
-_OUT = flags.DEFINE_string("out", None, "Sweep plot path; default ./tradeoffs_<name>.png.")
 
 
 def _si(x: float, unit: str) -> str:
@@ -99,7 +94,7 @@ def sweep(config, key: str, values: list, chip: cost.Chip, chip_name: str) -> li
         for part in parents:
             node = node[part]
         node[leaf] = value
-        reports.append(cost.report(c, chip, chip_name))
+        reports.append(cost.report(specs.build(c), chip, chip_name))
     return reports
 
 
@@ -119,13 +114,10 @@ def format_sweep(key: str, values: list, reports: list[dict[str, Any]]) -> str:
 
 def plot_sweep(key: str, values: list, reports: list[dict[str, Any]], path: str) -> None:
     """Latency (with the real-time budget) and FLOPs against the swept value, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     xs = values if numeric else list(range(len(values)))  # names (variants) go on evenly spaced ticks
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_t, ax_f = fig.subplots(1, 2)
     ax_t.plot(xs, [r["latency"]["chunk_s"] * 1e3 for r in reports], "o-", label="chunk (roofline)")
     ax_t.plot(xs, [r["latency"]["prefix_s"] * 1e3 for r in reports], "s--", label="prefix")
     ax_t.plot(xs, [r["realtime"]["budget_s"] * 1e3 for r in reports], "k:", label="real-time budget")
@@ -143,28 +135,44 @@ def plot_sweep(key: str, values: list, reports: list[dict[str, Any]], path: str)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv):
+    """Prints the config's report, or with --sweep one row per value and the plot's path."""
     del argv
-    config = _CONFIG.value
-    chip = cost.get_chip(_CHIP.value, _CPU_GFLOPS.value)
-    if _SWEEP.value is None:
-        r = cost.report(config, chip, _CHIP.value)
-        print(json.dumps(r, indent=2) if _JSON.value else format_report(r))
+    f = flags.FLAGS
+    config = f.config
+    chip = cost.get_chip(f.chip, f.cpu_gflops)
+    if f.sweep is None:
+        r = cost.report(specs.build(config), chip, f.chip)
+        print(json.dumps(r, indent=2) if f.json else format_report(r))
         return
-    key, values = _parse_sweep(_SWEEP.value, config)
-    reports = sweep(config, key, values, chip, _CHIP.value)
-    path = _OUT.value or f"tradeoffs_{key.split('.')[-1]}.png"
+    key, values = _parse_sweep(f.sweep, config)
+    reports = sweep(config, key, values, chip, f.chip)
+    path = f.out or f"tradeoffs_{key.split('.')[-1]}.png"
     plot_sweep(key, values, reports, path)
-    if _JSON.value:
+    if f.json:
         print(json.dumps({"key": key, "values": values, "reports": reports, "plot": path}, indent=2))
     else:
         print(format_sweep(key, values, reports))
         print(f"plot: {path}")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command line: python -m tools.tradeoffs --help."""
+    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
+                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    flags.DEFINE_bool("json", False, "Print a machine-readable JSON dict instead of a table.")
+    flags.DEFINE_enum("chip", "h100", sorted(cost.CHIPS) + ["cpu"], "Chip for the latency roofline (cpu: this "
+                      "machine, with a measured matmul rate).")
+    flags.DEFINE_float("cpu_gflops", None, "With --chip=cpu: use this matmul rate in GFLOP/s instead of "
+                       "measuring it.")
+    flags.DEFINE_string("sweep", None, "Vary one config value: KEY=v1,v2,... e.g. knobs.flow_steps=1,5,10 (values "
+                        "typed like the config's; default: no sweep, one report).")
+    flags.DEFINE_string("out", None, "Path of the sweep's PNG plot (default: ./tradeoffs_<last part of KEY>.png).")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

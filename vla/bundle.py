@@ -41,6 +41,7 @@ real-time chunking), with the model code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,9 +57,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from data import sources as sources_lib
+from configs import specs as specs_lib
+from data import fast_targets, rlds
+from data.layout import Layout
+from data.spec import DataSpec
 from vla.checkpoint import restore_state_entry
-from vla.models.vla import VLA, VLAConfig, action_horizon
+from vla.models.vla import VLA, VLAConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -78,10 +82,16 @@ Sampler = Callable[[Params, dict, jax.Array], jax.Array]
 
 # ------------------------------------------------------------------------------- the model
 
-def abstract_model(config) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, pure parameter dict of ShapeDtypeStructs) of the config's model; nothing allocated."""
+def model_spec(spec: specs_lib.RunSpec, ckpt_metadata: dict) -> VLAConfig:
+    """The model a run trained: its config's, with the FAST id range its data decided (the
+    checkpoint metadata's fast_token_start; vla/train.py)."""
+    return dataclasses.replace(spec.model, fast_token_start=ckpt_metadata["fast_token_start"])
+
+
+def abstract_model(model: VLAConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, pure parameter dict of ShapeDtypeStructs) of a model; nothing allocated."""
     with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: VLA(VLAConfig.from_config(config), rngs=nnx.Rngs(0))))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: VLA(model, rngs=nnx.Rngs(0))))
     return graphdef, nnx.to_pure_dict(state)
 
 
@@ -110,63 +120,57 @@ def string_keys(tree: Any) -> Any:
 
 # ------------------------------------------------------------------------------- description
 
-def robot_sources(config, stats: dict) -> list[str]:
+def robot_sources(spec: specs_lib.RunSpec, stats: dict) -> list[str]:
     """Sources with normalization statistics (the robot datasets), heaviest weight first."""
-    weights = {name: float(dict(src)["weight"]) for name, src in config.data.sources.items()}
+    weights = {s.name: s.weight for s in spec.data.sources}
     return sorted(stats, key=lambda name: (-weights.get(name, 0.0), name))
 
 
-def uses_fast(config) -> bool:
-    """Whether the run's robot examples carried FAST action targets (what data/pipeline.py does)."""
-    return config.model.mode == "pi05" and bool(config.data.fast_targets)
-
-
-def describe(config, ckpt_metadata: dict, source: str | None = None) -> dict[str, Any]:
+def describe(spec: specs_lib.RunSpec, ckpt_metadata: dict, source: str | None = None) -> dict[str, Any]:
     """What a policy of this run needs and a client may ask (JSON-able).
 
-    ckpt_metadata: the checkpoint metadata {sources, stats, tokenizer_vocab_size, ...};
-    source: the robot dataset whose normalization maps observations and actions (default: the
-    robot source of largest weight).
+    ckpt_metadata: the checkpoint metadata {sources, stats, tokenizer_vocab_size,
+    fast_token_start, ...}; source: the robot dataset whose normalization maps observations and
+    actions (default: the robot source of largest weight).
     """
-    from data import rlds  # TFDS core, without TensorFlow
-
     stats = ckpt_metadata["stats"]
-    robots = robot_sources(config, stats)
+    robots = robot_sources(spec, stats)
     if not robots:
         raise ValueError("the run has no robot source with normalization statistics: nothing to "
                          "map states and actions with")
     source = robots[0] if source is None else source
     if source not in stats:
         raise ValueError(f"unknown source {source!r}; robot sources of this run: {robots}")
-    m, k = config.model, config.knobs
+    m, c, data = spec.model, spec.control, spec.data
     pi05 = m.mode == "pi05"
-    if pi05 and not m.flow_loss_weight and not uses_fast(config):
+    if pi05 and not m.flow_loss_weight and not data.fast_targets:
         raise ValueError("the model has no trained action head: flow_loss_weight is 0 and the run "
                          "had no FAST action targets")
-    spec = rlds.get_spec(dict(config.data.sources[source])["spec"])
+    source_spec = data.source(source)
+    dataset_spec = rlds.robot_spec(source_spec.spec, source_spec.path)
     return {
-        "mode": m.mode, "cameras": list(m.cameras), "image_size": int(m.image_size),
-        "context_frames": int(k.context_frames), "context_stride_s": float(k.context_stride_s),
+        "mode": m.mode, "cameras": list(m.cameras), "image_size": m.image_size,
+        "context_frames": m.context_frames, "context_stride_s": data.window.stride_s,
         "state_dim": len(stats[source]["state"]["mean"]), "action_dim": len(stats[source]["actions"]["mean"]),
-        "model_state_dim": int(m.state_dim), "model_action_dim": int(m.action_dim),
-        "action_horizon": action_horizon(k.chunk_s, k.control_hz), "control_hz": float(k.control_hz),
-        "chunk_s": float(k.chunk_s), "steps_executed": int(k.steps_executed), "flow_steps": int(k.flow_steps),
-        "max_text_tokens": int(k.max_text_tokens),
-        "max_prompt_chars": MAX_PROMPT_CHARS_PER_TOKEN * int(k.max_text_tokens),
+        "model_state_dim": m.state_dim, "model_action_dim": m.action_dim,
+        "action_horizon": c.horizon, "control_hz": c.control_hz,
+        "chunk_s": c.chunk_s, "steps_executed": c.steps_executed, "flow_steps": c.flow_steps,
+        "max_text_tokens": m.max_text_tokens,
+        "max_prompt_chars": MAX_PROMPT_CHARS_PER_TOKEN * m.max_text_tokens,
         "source": source, "robot_sources": robots,
-        "normalization": str(config.data.normalization), "stats": stats,
+        "normalization": data.normalization, "stats": stats,
         "tokenizer_vocab_size": int(ckpt_metadata["tokenizer_vocab_size"]),
+        "fast_token_start": ckpt_metadata["fast_token_start"],
         # π0.5 decodes a subtask first when its robot data taught one; stage 1 (no flow head)
         # reads its actions from generated FAST tokens.
-        "subtask": bool(pi05 and m.text_loss_weight and spec.subtask_key),
-        "fast_targets": uses_fast(config),
+        "subtask": bool(pi05 and m.text_loss_weight and dataset_spec.subtask_key),
+        "fast_targets": data.fast_targets,
         "actions_from": "fast" if pi05 and not m.flow_loss_weight else "flow",
     }
 
 
-def signature(config, batch_size: int) -> dict[str, Any]:
+def signature(layout: Layout, batch_size: int) -> dict[str, Any]:
     """The exported function's arguments and result: {"shape": [...], "dtype": str} leaves."""
-    layout = sources_lib.Layout.from_config(config)
     leaf = lambda shape, dtype: {"shape": [batch_size, *shape], "dtype": str(np.dtype(dtype))}
     spec = {k: leaf(*v) for k, v in layout.spec().items()}
     batch = {"images": {c: spec.pop(f"images/{c}") for c in layout.cameras}}
@@ -225,13 +229,13 @@ class _RunCheckpoints:
         self._mngr.close()
 
 
-def data_root(config, ckpt_metadata: dict) -> str:
-    """config.data.root as the run saw it: the tokenizer path was stored absolute, so the root is
-    found even when data.root was relative to another working directory."""
-    tokenizer, relative = ckpt_metadata["tokenizer"], str(config.data.tokenizer)
-    if tokenizer.endswith(relative):
-        return tokenizer[:-len(relative)]
-    return str(config.data.root)
+def data_as_run_saw_it(data: DataSpec, ckpt_metadata: dict) -> DataSpec:
+    """The run's data with its root as the run saw it: the tokenizer path was stored absolute,
+    so the root is found even when data.root was relative to another working directory."""
+    tokenizer = ckpt_metadata["tokenizer"]
+    if tokenizer.endswith(data.tokenizer):
+        return dataclasses.replace(data, root=tokenizer[:-len(data.tokenizer)])
+    return data
 
 
 def code_version() -> str | None:
@@ -273,10 +277,11 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         ckpt_metadata = run.metadata(step)
         config = ml_collections.ConfigDict(ckpt_metadata["config"])
         config.model.param_dtype = dtype
-        description = describe(config, ckpt_metadata)
+        spec = specs_lib.build(config)
+        description = describe(spec, ckpt_metadata)
         key = run.weights_key(step)
         progress(f"restoring {key} of step {step} from {workdir} onto {jax.devices()[0]} as {dtype}")
-        graphdef, abstract = abstract_model(config)
+        graphdef, abstract = abstract_model(model_spec(spec, ckpt_metadata))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=device),
                               abstract)
@@ -290,11 +295,11 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     try:
         progress(f"writing parameters ({sum(x.size for x in jax.tree.leaves(params)):,} in {dtype})")
         ocp.PyTreeCheckpointer().save(os.path.join(staging, PARAMS_DIR), params)
-        _copy_data_files(config, ckpt_metadata, description, staging)
+        _copy_data_files(spec.data, ckpt_metadata, description, staging)
         platforms = tuple(platforms or (jax.default_backend(),))
         progress(f"exporting the action sampler for {', '.join(platforms)} at batch size {batch_size}")
-        sig = signature(config, batch_size)
-        sampler = jax.jit(action_sampler(graphdef, int(config.knobs.flow_steps)))
+        sig = signature(spec.data.layout, batch_size)
+        sampler = jax.jit(action_sampler(graphdef, spec.control.flow_steps))
         exported = jax.export.export(sampler, platforms=platforms)(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
             abstract_args(sig["batch"]), abstract_args(sig["noise"]))
@@ -304,9 +309,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         metadata = dict(
             description, step=step, workdir=os.path.abspath(workdir), weights=key, dtype=dtype,
-            compute_dtype=str(config.model.compute_dtype), code_version=code_version(),
+            compute_dtype=spec.model.compute_dtype, code_version=code_version(),
             sources=list(ckpt_metadata["sources"]),
-            mixture={name: float(dict(src)["weight"]) for name, src in config.data.sources.items()},
+            mixture={s.name: s.weight for s in spec.data.sources},
             batch_size=batch_size, platforms=list(platforms), signature=sig)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=1)
@@ -320,18 +325,15 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     return out
 
 
-def _copy_data_files(config, ckpt_metadata: dict, description: dict, out: str) -> None:
+def _copy_data_files(data: DataSpec, ckpt_metadata: dict, description: dict, out: str) -> None:
     """The tokenizer model and, for FAST-trained runs, every robot source's FAST tokenizer."""
-    from data import fast_targets
-
     shutil.copyfile(ckpt_metadata["tokenizer"], os.path.join(out, TOKENIZER_FILE))
     if not description["fast_targets"]:
         return
-    root = data_root(config, ckpt_metadata)
+    data = data_as_run_saw_it(data, ckpt_metadata)
     h, hz = description["action_horizon"], description["control_hz"]
     for name in description["robot_sources"]:
-        src = sources_lib.dataset_dir(root, dict(config.data.sources[name]))
-        fit = fast_targets.fit_dir(src, h, hz)
+        fit = fast_targets.fit_dir(data.dataset_dir(data.source(name)), h, hz)
         if not os.path.isfile(os.path.join(fit, fast_targets.META_FILE)):
             raise FileNotFoundError(f"source {name!r}: the run trained on FAST targets but {fit} "
                                     f"holds no FAST tokenizer")

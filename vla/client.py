@@ -19,6 +19,7 @@ import time
 from typing import Any, Self
 
 import numpy as np
+from absl import app, flags
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -89,22 +90,24 @@ def round_trips_ms(client: PolicyClient, n: int, observation: dict | None = None
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
+    """Times round trips to a running server and prints median, p99 and max milliseconds."""
     del argv
-    FLAGS = flags.FLAGS
-    with PolicyClient(FLAGS.host, FLAGS.port, FLAGS.token) as client:
-        ms = round_trips_ms(client, FLAGS.n)
+    f = flags.FLAGS
+    with PolicyClient(f.host, f.port, f.token) as client:
+        ms = round_trips_ms(client, f.n)
     p50, p99 = np.percentile(ms, [50, 99])
-    print(f"{FLAGS.n} round trips to {client.uri}: median {p50:.2f} ms, p99 {p99:.2f} ms, max {ms.max():.2f} ms")
+    print(f"{f.n} round trips to {client.uri}: median {p50:.2f} ms, p99 {p99:.2f} ms, max {ms.max():.2f} ms")
+
+
+def define_flags() -> None:
+    """The command line: python -m vla.client --help."""
+    flags.DEFINE_string("host", "127.0.0.1", "Address (host name or IP) of the policy server.")
+    flags.DEFINE_integer("port", 8000, "TCP port of the policy server.")
+    flags.DEFINE_string("token", os.environ.get("VLA_SERVE_TOKEN"), "Shared token, if the server wants one "
+                        "(default: $VLA_SERVE_TOKEN).")
+    flags.DEFINE_integer("n", 100, "Number of timed requests (after one untimed warm-up request).")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("host", "127.0.0.1", "Server address.")
-    flags.DEFINE_integer("port", 8000, "Server port.")
-    flags.DEFINE_string("token", os.environ.get("VLA_SERVE_TOKEN"), "Shared token, if the server wants one "
-                        "(default: $VLA_SERVE_TOKEN).")
-    flags.DEFINE_integer("n", 100, "Timed requests (after one warm-up request).")
+    define_flags()
     app.run(main)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.specs import RunSpec
 from vla.models.variants import GemmaVariant, gemma_variant, vit_variant
 from vla.models.vla import VLA, VLAConfig
-
 
 # ---------------------------------------------------------------------------------------- chips
 
@@ -191,13 +191,9 @@ def forward_flops(cfg: VLAConfig) -> dict[str, float]:
     return {**parts, "total": parts["layers"] + parts["outside"]}
 
 
-def train_flops_per_example(config: Any, include_remat: bool = False) -> float:
+def train_flops_per_example(cfg: VLAConfig, include_remat: bool = False) -> float:
     """Training FLOPs per example: 3x forward (model FLOPs, for MFU); include_remat adds what the
-    config's remat policy recomputes in the backward pass (hardware FLOPs).
-
-    config: a run config (configs/*.py) or a VLAConfig.
-    """
-    cfg = config if isinstance(config, VLAConfig) else VLAConfig.from_config(config)
+    model's remat policy recomputes in the backward pass (hardware FLOPs)."""
     fwd = forward_flops(cfg)
     recompute = {"nothing_saveable": fwd["layers"], "dots_with_no_batch_dims_saveable": fwd["attention"]}
     return 3 * fwd["total"] + (recompute.get(cfg.remat_policy, 0.0) if include_remat else 0.0)
@@ -322,12 +318,14 @@ def realtime_budget_s(steps_executed: int, control_hz: float) -> float:
 
 # ---------------------------------------------------------------------------------------- report
 
-def report(config: Any, chip: Chip, chip_name: str) -> dict[str, Any]:
-    """Everything the trade-offs tool prints, as a JSON-able dict, from a run config."""
-    cfg = VLAConfig.from_config(config)
-    k, counts = config.knobs, param_counts(cfg)
-    latency = roofline(cfg, k.flow_steps, chip, counts)
-    budget = realtime_budget_s(k.steps_executed, k.control_hz)
+def report(spec: RunSpec, chip: Chip, chip_name: str) -> dict[str, Any]:
+    """Everything the trade-offs tool prints, as a JSON-able dict: the run's model at the
+    control-frequency knobs inference runs it at."""
+    cfg, counts = spec.model, param_counts(spec.model)
+    flow_steps, steps_executed = spec.control.flow_steps, spec.control.steps_executed
+    control_hz = spec.control.control_hz
+    latency = roofline(cfg, flow_steps, chip, counts)
+    budget = realtime_budget_s(steps_executed, control_hz)
     return {
         "params": counts,
         "tokens": {"prefix": prefix_len(cfg), "suffix": suffix_len(cfg), "image": cfg.image_tokens,
@@ -338,7 +336,7 @@ def report(config: Any, chip: Chip, chip_name: str) -> dict[str, Any]:
             "train_hardware_per_example": train_flops_per_example(cfg, include_remat=True),
             "inference_prefix": prefix_flops(cfg),
             "inference_flow_step": flow_step_flops(cfg),
-            "inference_per_chunk": inference_flops(cfg, k.flow_steps),
+            "inference_per_chunk": inference_flops(cfg, flow_steps),
         },
         "memory_bytes": {
             "weights": counts["total"] * _bytes(cfg.param_dtype),
@@ -349,8 +347,8 @@ def report(config: Any, chip: Chip, chip_name: str) -> dict[str, Any]:
         "chip": {"name": chip_name, "peak_flops": chip.peak_flops, "hbm_bytes_per_s": chip.hbm_bytes_per_s},
         "latency": latency,
         "realtime": {
-            "control_hz": k.control_hz, "steps_executed": k.steps_executed, "flow_steps": k.flow_steps,
-            "budget_s": budget, "fits": latency["chunk_s"] <= budget and k.steps_executed <= cfg.action_horizon,
-            "steps_executed_within_horizon": k.steps_executed <= cfg.action_horizon,
+            "control_hz": control_hz, "steps_executed": steps_executed, "flow_steps": flow_steps,
+            "budget_s": budget, "fits": latency["chunk_s"] <= budget and steps_executed <= cfg.action_horizon,
+            "steps_executed_within_horizon": steps_executed <= cfg.action_horizon,
         },
     }

@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Mapping
 
+from matplotlib.figure import Figure
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -56,17 +57,13 @@ class MetricsWriter:
         """Training losses (total and per source) and held-out curves against step."""
         if not self.enabled or not self.history:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
         names = sorted({k for row in self.history for k in row
                         if "loss" in k or k.startswith("eval/action_mae")})
         panels = {"train": [n for n in names if not n.startswith("eval/")],
                   "held-out": [n for n in names if n.startswith("eval/")]}
         panels = {title: keys for title, keys in panels.items() if keys}
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        fig = Figure(figsize=(6 * len(panels), 4))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         for ax, (title, keys) in zip(axes[0], panels.items()):
             for key in keys:
                 points = [(r["step"], r[key]) for r in self.history
@@ -79,7 +76,6 @@ class MetricsWriter:
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=80)
-        plt.close(fig)
 
     def close(self) -> None:
         if self.enabled:

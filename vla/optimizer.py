@@ -1,12 +1,13 @@
-"""The optimizer of a run config: AdamW, linear warmup + cosine decay, global-norm clipping, no
-weight decay on norms/biases/embeddings, frozen parameters by regex, and an EMA of the weights.
+"""The optimizer of a run: AdamW, linear warmup + cosine decay, global-norm clipping, no weight
+decay on norms/biases/embeddings, frozen parameters by regex, and an EMA of the weights.
 
 Parameters are the model's pure dict ({"decoder": {"embedder": array, ...}}); a parameter's path
-is its keys joined by "/" ("decoder/experts/0/q_einsum"). config.optimizer.freeze holds regexes
+is its keys joined by "/" ("decoder/experts/0/q_einsum"). OptimizerSpec.freeze holds regexes
 (re.search) over these paths; a frozen parameter gets a zero update and no optimizer moments.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,24 @@ import jax.numpy as jnp
 import optax
 
 Params = Any  # a pytree of arrays keyed by parameter name
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """A run's optimizer (configs/specs.py builds it from config.optimizer and total_steps)."""
+
+    lr: float
+    warmup_steps: int  # linear warmup, then cosine decay to lr * min_lr_ratio at total_steps
+    min_lr_ratio: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float
+    ema_decay: float  # 0: no EMA
+    grad_accum_steps: int  # microbatches per step
+    freeze: tuple[str, ...]  # regexes over parameter paths
+    total_steps: int
 
 # Scales and shifts (norms, biases) and lookup tables (token / position embeddings) are not
 # weight-decayed. Decided by name, not ndim: scanned layers stack a norm's scale to [layers, width].
@@ -44,21 +63,21 @@ def trainable_mask(params: Params, freeze: Sequence[str]) -> Params:
     return jax.tree.map(lambda p: not any(re.search(f, p) for f in freeze), paths)
 
 
-def learning_rate(opt_config, total_steps: int) -> optax.Schedule:
+def learning_rate(spec: OptimizerSpec) -> optax.Schedule:
     """0 -> lr linearly over warmup_steps, then cosine to lr * min_lr_ratio at total_steps."""
-    warmup = min(int(opt_config.warmup_steps), total_steps)
+    warmup = min(spec.warmup_steps, spec.total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt_config.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=opt_config.lr * opt_config.min_lr_ratio)
+        init_value=0.0, peak_value=spec.lr, warmup_steps=warmup,
+        decay_steps=max(spec.total_steps, warmup + 1), end_value=spec.lr * spec.min_lr_ratio)
 
 
-def make_optimizer(opt_config, total_steps: int, params: Params) -> optax.GradientTransformation:
+def make_optimizer(spec: OptimizerSpec, params: Params) -> optax.GradientTransformation:
     """AdamW with clipping over the trainable parameters; frozen ones are left untouched."""
     adamw = optax.chain(
-        optax.clip_by_global_norm(opt_config.clip_norm),
-        optax.adamw(learning_rate(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
-                    eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask(params)))
-    freeze = tuple(opt_config.freeze)
+        optax.clip_by_global_norm(spec.clip_norm),
+        optax.adamw(learning_rate(spec), b1=spec.b1, b2=spec.b2, eps=spec.eps,
+                    weight_decay=spec.weight_decay, mask=decay_mask(params)))
+    freeze = spec.freeze
     if not freeze:
         return adamw
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, freeze))

@@ -1,7 +1,7 @@
 """The policy: a raw observation -> an action chunk in the robot's native units.
 
     policy = Policy.from_bundle("BUNDLE")                     # a tools.export bundle; compiles at load
-    policy = Policy.from_model(config, model, ckpt_metadata)  # in memory (the trainer's eval hooks)
+    policy = Policy.from_model(spec, model, ckpt_metadata)    # in memory (the trainer's eval hooks)
     out = policy.infer({"images": {"corner2": uint8 [h, w, 3]},   # or [t, h, w, 3], current frame last
                         "state": float [S_native], "prompt": "reach the goal"})
     out["actions"]    f32 [H, A_native] at metadata["control_hz"], native units
@@ -38,9 +38,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data import normalize
+from configs import specs as specs_lib
+from data import fast_targets, normalize
 from data import prompt as prompt_lib
-from data.sources import Layout
 from data.tokenizer import Tokenizer
 from data.windows import pad_state
 from vla import bundle as bundle_lib
@@ -64,15 +64,17 @@ def _text_generator(graphdef: nnx.GraphDef, max_new_tokens: int, eos_id: int):
 class Policy:
     """Observation -> action chunk for one model, one robot source; one inference at a time."""
 
-    def __init__(self, config, graphdef: nnx.GraphDef, params: Any, metadata: dict[str, Any],
-                 tokenizer: Tokenizer, fast: Any = None, *, seed: int = 0, warmup: bool = True):
-        """Use from_bundle / from_model. metadata: bundle.describe(...) and more; fast: the
-        source's data/fast_targets.FastActions when actions come from FAST tokens."""
+    def __init__(self, spec: specs_lib.RunSpec, graphdef: nnx.GraphDef, params: Any,
+                 metadata: dict[str, Any], tokenizer: Tokenizer, fast: Any = None, *, seed: int = 0,
+                 warmup: bool = True):
+        """Use from_bundle / from_model. spec: the run's (configs/specs.py); metadata:
+        bundle.describe(...) and more; fast: the source's data/fast_targets.FastActions when
+        actions come from FAST tokens."""
         if tokenizer.vocab_size != metadata["tokenizer_vocab_size"]:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, the model "
                              f"was trained with {metadata['tokenizer_vocab_size']}")
-        self.config, self.metadata = config, metadata
-        self._layout = Layout.from_config(config)
+        self.spec, self.metadata = spec, metadata
+        self._layout = spec.data.layout
         self._norm = normalize.normalizers(metadata["stats"][metadata["source"]], metadata["normalization"])
         self._tokenizer, self._fast, self._params = tokenizer, fast, params
         self._rng = np.random.default_rng(seed)
@@ -90,31 +92,32 @@ class Policy:
                     seed: int = 0, warmup: bool = True) -> Policy:
         """A bundle written by tools.export, on one device (default: the first).
         source: another robot source of the run whose normalization to use."""
-        config = bundle_lib.read_config(path)
+        spec = specs_lib.build(bundle_lib.read_config(path))
         metadata = bundle_lib.read_json(path, bundle_lib.METADATA_FILE)
         if source is not None and source != metadata["source"]:
-            metadata.update(bundle_lib.describe(config, metadata, source))
-        graphdef, _ = bundle_lib.abstract_model(config)
+            metadata.update(bundle_lib.describe(spec, metadata, source))
+        graphdef, _ = bundle_lib.abstract_model(bundle_lib.model_spec(spec, metadata))
         fast = None
         if metadata["actions_from"] == "fast":
             fast = _load_fast(os.path.join(path, bundle_lib.DATASETS_DIR, metadata["source"]), metadata)
-        return cls(config, graphdef, bundle_lib.read_params(path, device), metadata,
+        return cls(spec, graphdef, bundle_lib.read_params(path, device), metadata,
                    _tokenizer(os.path.join(path, bundle_lib.TOKENIZER_FILE), metadata), fast,
                    seed=seed, warmup=warmup)
 
     @classmethod
-    def from_model(cls, config, model: nnx.Module, metadata: Mapping[str, Any], *, source: str | None = None,
-                   step: int | None = None, seed: int = 0, warmup: bool = True) -> Policy:
+    def from_model(cls, spec: specs_lib.RunSpec, model: nnx.Module, metadata: Mapping[str, Any], *,
+                   source: str | None = None, step: int | None = None, seed: int = 0,
+                   warmup: bool = True) -> Policy:
         """An in-memory model (any mesh). metadata: the checkpoint metadata {config, sources,
-        tokenizer (path), tokenizer_vocab_size, stats}; the data files it names must exist."""
-        description = dict(bundle_lib.describe(config, dict(metadata), source), step=step)
+        tokenizer (path), tokenizer_vocab_size, fast_token_start, stats}; the data files it
+        names must exist."""
+        description = dict(bundle_lib.describe(spec, dict(metadata), source), step=step)
         graphdef, state = nnx.split(model)
         fast = None
         if description["actions_from"] == "fast":
-            src = dict(config.data.sources[description["source"]])
-            root = bundle_lib.data_root(config, dict(metadata))
-            fast = _load_fast(os.path.join(root, src["path"]), description)
-        return cls(config, graphdef, nnx.to_pure_dict(state), description,
+            data = bundle_lib.data_as_run_saw_it(spec.data, dict(metadata))
+            fast = _load_fast(data.dataset_dir(data.source(description["source"])), description)
+        return cls(spec, graphdef, nnx.to_pure_dict(state), description,
                    _tokenizer(metadata["tokenizer"], description), fast, seed=seed, warmup=warmup)
 
     def warmup(self) -> None:
@@ -328,9 +331,7 @@ def _tokenizer(path: str, metadata: Mapping[str, Any]) -> Tokenizer:
     return Tokenizer(path, n_fast_tokens=n_fast) if n_fast > 0 else base
 
 
-def _load_fast(dataset_dir: str, metadata: Mapping[str, Any]):
-    # Only stage-1 π0.5 policies read actions from FAST tokens (and this imports TFDS core).
-    from data import fast_targets
-
+def _load_fast(dataset_dir: str, metadata: Mapping[str, Any]) -> fast_targets.FastActions:
+    """The FAST tokenizer stage-1 π0.5 policies read their actions from."""
     return fast_targets.load(dataset_dir, int(metadata["action_horizon"]), float(metadata["control_hz"]),
                              metadata["normalization"])

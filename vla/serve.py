@@ -24,10 +24,13 @@ import time
 from typing import Any, Self
 
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from vla import msgpack_numpy
+from vla.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -214,29 +217,30 @@ class PolicyServer:
 # ------------------------------------------------------------------------------- command line
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-    from absl import logging as absl_logging
-
-    from vla.policy import Policy
-
+    """Loads the bundle's Policy and serves it until interrupted."""
     del argv
-    FLAGS = flags.FLAGS
+    f = flags.FLAGS
     start = time.perf_counter()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every file it reads at INFO
-    policy = Policy.from_bundle(FLAGS.bundle, warmup=True)
+    policy = Policy.from_bundle(f.bundle, warmup=True)
     absl_logging.set_verbosity(absl_logging.INFO)  # the address, metadata, clients, refusals
-    log.info("loaded %s in %.1f s (%.1f s of it compiling)", FLAGS.bundle, time.perf_counter() - start,
+    log.info("loaded %s in %.1f s (%.1f s of it compiling)", f.bundle, time.perf_counter() - start,
              policy.warmup_s)
-    token = FLAGS.token or os.environ.get(TOKEN_ENV) or None
-    PolicyServer(policy, FLAGS.host, FLAGS.port, token).serve_forever()
+    token = f.token or os.environ.get(TOKEN_ENV) or None
+    PolicyServer(policy, f.host, f.port, token).serve_forever()
+
+
+def define_flags() -> None:
+    """The command line: python -m vla.serve --help."""
+    flags.DEFINE_string("bundle", None, "Bundle directory written by tools.export (required).")
+    flags.DEFINE_string("host", "127.0.0.1", "Network interface to bind: 127.0.0.1 serves this machine only, "
+                        "0.0.0.0 every interface.")
+    flags.DEFINE_integer("port", 8000, "TCP port to listen on (0 picks a free one, logged at start).")
+    flags.DEFINE_string("token", None, "Shared token clients must send in the handshake; clients without it get "
+                        f"HTTP 401 (default: ${TOKEN_ENV}; neither set: no token needed).")
+    flags.mark_flag_as_required("bundle")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("bundle", None, "Bundle directory written by tools.export.")
-    flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 serves every interface.")
-    flags.DEFINE_integer("port", 8000, "TCP port (0 picks a free one).")
-    flags.DEFINE_string("token", None, f"Shared token clients must send (default: ${TOKEN_ENV}).")
-    flags.mark_flag_as_required("bundle")
+    define_flags()
     app.run(main)

@@ -1,13 +1,17 @@
-"""Meshes from config, logical-axis rules, sharded initialization and activation constraints.
+"""Meshes, the logical-axis rules table, sharded initialization and activation constraints.
 
 Every parameter carries logical axis names (embed, mlp, heads, ...). A rules table maps each
 logical name to mesh axes (data, fsdp, tensor). The same table places activations at block
-boundaries through `constrain`, which does nothing when no mesh is active.
+boundaries through `constrain`, which does nothing when no mesh is active, and says how a batch
+is split (its "batch" entry: `batch_axes`, `batch_sharding`). DEFAULT_RULES is the table every
+config starts from (config.sharding_rules).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -19,6 +23,53 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Multislice: how many slices (TPU slices joined over the data-center network) each axis spans.
 DCN_AXES = tuple(f"dcn_{name}" for name in MESH_AXES)
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+# Logical axis -> mesh axes. Activations: batch over (data, fsdp); parameters: FSDP on embed,
+# tensor parallelism on heads/mlp/vocab.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("pos", None),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """A run's mesh: axis sizes (`mesh_shape`'s axis_sizes) and the logical-axis rules."""
+
+    axes: Mapping[str, int]
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return batch_axes(self.rules)
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a batch's leading dimension is split over: the rules' "batch" entry."""
+    axes = logical_to_spec(("batch",), rules)[0]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+    """The sharding of a global batch's arrays: leading dimension over `batch_axes`."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
+
+
+def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
+    """How many ways a batch is split on this mesh."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[list[int], list[int]]:
@@ -127,3 +178,9 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules) -> nn
     with jax.set_mesh(mesh):
         state = jax.jit(init_state, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def global_batch(local: Mapping[str, Any], mesh: jax.sharding.Mesh, rules: Rules) -> dict[str, Any]:
+    """This process's rows of a batch -> global arrays split over `batch_axes`, in process order."""
+    spec = batch_sharding(mesh, rules)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), local)

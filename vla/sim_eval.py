@@ -1,6 +1,6 @@
 """Closed-loop evaluation on Meta-World: success rate per task and difficulty group.
 
-The command line is tools/eval.py; the trainer calls `make_hook` (config.sim_eval).
+The command line is tools/eval.py; the trainer's command line adds `make_hook` (config.sim_eval).
 
 Protocol (LeRobot's Meta-World evaluation): the scenes of data/metaworld_env.py (camera `corner2`
 moved to [0.75, 0.075, 0.7], corner images flipped, state = hand xyz + gripper, 4-d actions
@@ -46,19 +46,20 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any, Protocol, Self
 
+import imageio.v3 as iio
+import jax
 import numpy as np
 from metaworld.env_dict import MT10_V3, MT50_V3
 from tqdm import tqdm
 
+from configs.specs import RunSpec
 from data import resample
 from data.metaworld_env import ACTION_DIM, CONTROL_HZ, MetaWorldEnv
+from vla.evaluator import EvalHook
+from vla.policy import Policy
 from vla.rtc import MODES, ChunkExecutor
-
-if TYPE_CHECKING:
-    from vla.policy import Policy
-    from vla.train import EvalHook
 
 MAX_STEPS = 500  # Meta-World's max_path_length: the env refuses to step further
 EPISODES = 10
@@ -411,33 +412,29 @@ def evaluate_policy(policy: Policy, tasks: str | Sequence[str], *, episodes: int
     return results
 
 
-def make_hook(config, metadata: dict[str, Any], out_dir: str | None = None) -> EvalHook:
-    """The trainer's closed-loop hook (vla.train.EvalHook) for config.sim_eval.
+def make_hook(spec: RunSpec, metadata: dict[str, Any], out_dir: str | None = None) -> EvalHook:
+    """The trainer's closed-loop hook (vla.evaluator.EvalHook) for spec.sim_eval.
 
-    Every config.sim_eval.every steps (and at the last step) it evaluates the model it is given
-    as Policy.from_model(config, model, metadata) and returns {"sim/success/<task>": rate,
+    Every spec.sim_eval.every steps (and at the last step) it evaluates the model it is given
+    as Policy.from_model(spec, model, metadata) and returns {"sim/success/<task>": rate,
     "sim/success": overall rate}; process 0 writes out_dir/step_<N>/. The hook runs inside the
     trainer's evaluator, so `every` must be a multiple of eval_every and eval_batches > 0.
     Environments are built at the first evaluation and reused.
     """
-    import jax
-
-    from vla.policy import Policy
-
-    s = config.sim_eval
+    s, t = spec.sim_eval, spec.train
     tasks = resolve_tasks(s.tasks)
-    every = int(s.every)
-    if every < 1 or every % int(config.eval_every):
+    every = s.every
+    if every < 1 or every % t.eval_every:
         raise ValueError(f"sim_eval.every={every} must be a positive multiple of "
-                         f"eval_every={config.eval_every}: the hook runs at evaluations")
-    if not config.eval_batches:
+                         f"eval_every={t.eval_every}: the hook runs at evaluations")
+    if not t.eval_batches:
         raise ValueError("sim_eval needs eval_batches > 0: the closed-loop hook runs inside the "
                          "trainer's evaluator, which eval_batches=0 turns off")
     # Checked here, before training starts, rather than at the first evaluation.
-    if int(s.episodes) < 1 or not 1 <= int(s.max_steps) <= MAX_STEPS or s.mode not in MODES:
+    if s.episodes < 1 or not 1 <= s.max_steps <= MAX_STEPS or s.mode not in MODES:
         raise ValueError(f"sim_eval: need episodes >= 1 (got {s.episodes}), max_steps in "
                          f"[1, {MAX_STEPS}] (got {s.max_steps}), mode in {MODES} (got {s.mode!r})")
-    total, chief = int(config.total_steps), jax.process_index() == 0
+    total, chief = t.total_steps, jax.process_index() == 0
     envs: EnvCache | None = None
 
     def hook(step: int, model) -> dict[str, float]:
@@ -445,16 +442,16 @@ def make_hook(config, metadata: dict[str, Any], out_dir: str | None = None) -> E
         if step % every and step != total:
             return {}
         # Compiled at the first inference: only the path the executor's mode takes.
-        policy = Policy.from_model(config, model, metadata, step=step, warmup=False)
+        policy = Policy.from_model(spec, model, metadata, step=step, warmup=False)
         first = envs is None
         if first:
-            spec = PolicySpec.from_metadata(policy.metadata)
-            envs = EnvCache(spec.cameras, spec.image_size)
+            played = PolicySpec.from_metadata(policy.metadata)
+            envs = EnvCache(played.cameras, played.image_size)
         results = evaluate_policy(
-            policy, tasks, episodes=int(s.episodes), seed=int(s.seed), max_steps=int(s.max_steps),
-            gif_episodes=int(s.gif_episodes),
+            policy, tasks, episodes=s.episodes, seed=s.seed, max_steps=s.max_steps,
+            gif_episodes=s.gif_episodes,
             out_dir=os.path.join(out_dir, f"step_{step}") if out_dir and chief else None,
-            mode=str(s.mode), inference_delay=int(s.inference_delay), envs=envs,
+            mode=s.mode, inference_delay=s.inference_delay, envs=envs,
             stop_at_success=jax.process_count() == 1, progress=chief)
         if first:  # GL contexts left to the interpreter's exit complain; registered after
             atexit.register(envs.close)  # MuJoCo's EGL exit handler, so it runs before that one
@@ -467,7 +464,6 @@ def make_hook(config, metadata: dict[str, Any], out_dir: str | None = None) -> E
 # ------------------------------------------------------------------------------- outputs
 
 def write_gif(path: str, frames: Sequence[np.ndarray], fps: float) -> None:
-    import imageio.v3 as iio  # the sim extra
     iio.imwrite(path, np.stack(frames), duration=1000.0 / fps, loop=0)
 
 

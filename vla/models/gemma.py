@@ -15,8 +15,8 @@ attn_vec_einsum [N, D, W], gating_einsum [2, W, M], linear [M, W]), stacked over
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 import itertools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

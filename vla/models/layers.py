@@ -7,8 +7,9 @@ the same parameters (used to check FLOP counts against XLA, which counts a scan 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import math
+import operator
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -168,7 +169,7 @@ def run_layers(body: Callable, carry, xs, *, scan: bool, remat_policy: str):
     depth = jax.tree.leaves(xs)[0].shape[0]
     ys = []
     for i in range(depth):
-        carry, y = body(carry, jax.tree.map(lambda a: a[i], xs))
+        carry, y = body(carry, jax.tree.map(operator.itemgetter(i), xs))
         ys.append(y)
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
 

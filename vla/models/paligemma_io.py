@@ -18,12 +18,12 @@ with Orbax plus a JSON report.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import dataclasses
 import json
 import os
 import pathlib
 import re
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,7 @@ def import_paligemma(model: VLA, path: str | os.PathLike, fmt: str, *, truncate_
             raise WeightImportError(f"{name}: converted shape {value.shape}, the model has {current.shape}")
         value = value.astype(current.dtype)
         # Every process holds the whole file; each device takes its shard (multi-host safe).
-        variables[name].set_value(jax.make_array_from_callback(value.shape, current.sharding, lambda i: value[i]))
+        variables[name].set_value(jax.make_array_from_callback(value.shape, current.sharding, value.__getitem__))
     return ImportSummary(source=str(path), format=fmt, imported={k: v.shape for k, v in params.items()},
                          kept=tuple(sorted(variables.keys() - params.keys())), ignored=tuple(ignored))
 

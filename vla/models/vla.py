@@ -34,11 +34,20 @@ from vla.models.variants import gemma_variant, vit_variant
 
 Batch = dict[str, Any]
 MODES = ("pi0", "pi05")
+# The loss terms, and the scalar metrics `VLA.loss` returns beside their per-source sums.
+LOSSES = ("flow", "text")
+SCALAR_METRICS = ("loss", *(f"{name}_loss" for name in LOSSES))
+
+
+def per_source_key(loss: str, stat: str) -> str:
+    """The name of a per-source metric [num_sources]: stat "loss" (mean), "count" or "sum"."""
+    return f"{loss}_{stat}_per_source"
 
 
 @dataclasses.dataclass(frozen=True)
 class VLAConfig:
-    """Static model configuration (hashable: it is closed over by jitted functions)."""
+    """Static model configuration (hashable: it is closed over by jitted functions); a run's
+    is built from its config by configs/specs.py."""
 
     mode: str = "pi0"
     vit: str = "tiny/8"
@@ -78,30 +87,11 @@ class VLAConfig:
                     f"past_frame_tokens={self.past_frame_tokens} must be a square s*s with s dividing the "
                     f"{grid}x{grid} patch grid (e.g. {[d * d for d in range(1, grid + 1) if grid % d == 0]})")
 
-    @classmethod
-    def from_config(cls, config) -> "VLAConfig":
-        """From a run config (configs/*.py): the model section plus the knobs it depends on."""
-        m, k = config.model, config.knobs
-        return cls(
-            mode=m.mode, vit=k.vit, vlm=k.vlm, action_expert=k.action_expert, image_size=m.image_size,
-            cameras=tuple(m.cameras), context_frames=k.context_frames, past_frame_tokens=k.past_frame_tokens,
-            max_text_tokens=k.max_text_tokens, state_dim=m.state_dim, action_dim=m.action_dim,
-            action_horizon=action_horizon(k.chunk_s, k.control_hz), vocab_size=m.vocab_size,
-            knowledge_insulation=m.knowledge_insulation, fast_token_start=m.get("fast_token_start"),
-            flow_loss_weight=m.flow_loss_weight, text_loss_weight=m.text_loss_weight,
-            param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
-            scan_layers=m.scan_layers)
-
     @property
     def image_tokens(self) -> int:
         """Prefix tokens from images: per camera, (T-1) pooled past frames + one full frame."""
         full = (self.image_size // vit_variant(self.vit).patch) ** 2
         return len(self.cameras) * ((self.context_frames - 1) * self.past_frame_tokens + full)
-
-
-def action_horizon(chunk_s: float, control_hz: float) -> int:
-    """Action chunk length in steps at the control rate."""
-    return max(1, round(chunk_s * control_hz))
 
 
 class VLA(nnx.Module):
@@ -240,11 +230,11 @@ class VLA(nnx.Module):
 
         source = batch.get("source", jnp.zeros((b,), jnp.int32))
         per_source = lambda v: jax.ops.segment_sum(v, source, num_segments=num_sources)
-        metrics = dict(loss=loss, flow_loss=flow_loss, text_loss=text_loss)
-        for name, total, count in (("flow", flow_sum, flow_count), ("text", text_sum, text_count)):
+        metrics = dict(zip(SCALAR_METRICS, (loss, flow_loss, text_loss)))
+        for name, total, count in zip(LOSSES, (flow_sum, text_sum), (flow_count, text_count)):
             n = per_source(count)
-            metrics[f"{name}_loss_per_source"] = per_source(total) / jnp.maximum(n, 1.0)
-            metrics[f"{name}_count_per_source"] = n
+            metrics[per_source_key(name, "loss")] = per_source(total) / jnp.maximum(n, 1.0)
+            metrics[per_source_key(name, "count")] = n
         return loss, metrics
 
     def _text_nll(self, prefix_out: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:

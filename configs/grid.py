@@ -3,13 +3,14 @@
 An override set maps dotted config keys to values ({"knobs.control_hz": 10}). An axis is a list
 of override sets; a dict {key: [values]} is the axis of one key, or of several keys at once:
 
-    from launch.grid import product, zipped
+    from configs.grid import product, zipped
     def sweep():
         return product(zipped({"knobs.vit": ["tiny/8", "mu/8"], "knobs.vlm": ["gemma_tiny", "gemma_small"]}),
                        {"knobs.context_frames": [1, 2]})
 
 `product` takes every combination (the first argument varies slowest); `zipped` pairs the i-th
-values of its arguments, which must be equally long.
+values of its arguments, which must be equally long. `informative_keys` says which keys of a
+sweep tell its runs apart (launch.sweep names runs by them, launch.summary plots against them).
 """
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def zipped(*axes: Axis) -> list[Overrides]:
     if len({len(a) for a in lists}) > 1:
         raise ValueError(f"zipped axes differ in length: {[len(a) for a in lists]}")
     return [_merge(sets) for sets in zip(*lists)]
+
+
+def _one_to_one(sets: Sequence[Mapping[str, Any]], a: str, b: str) -> bool:
+    """Whether b's value follows from a's and vice versa in every set (zipped keys)."""
+    forward, backward = {}, {}
+    for s in sets:
+        if (a in s) != (b in s):
+            return False
+        if a in s:
+            va, vb = repr(s[a]), repr(s[b])
+            if forward.setdefault(va, vb) != vb or backward.setdefault(vb, va) != va:
+                return False
+    return True
+
+
+def informative_keys(sets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sets' keys, less those in one-to-one correspondence with an earlier key (zipped with
+    it: they tell nothing more about a run)."""
+    keys = list(dict.fromkeys(k for s in sets for k in s))
+    return [k for i, k in enumerate(keys) if not any(_one_to_one(sets, e, k) for e in keys[:i])]

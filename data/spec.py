@@ -1,0 +1,114 @@
+"""What the input pipeline is asked for: typed specs of a run's data, built once from its config.
+
+configs/specs.py builds these from a run config; nothing in data/ reads the config itself.
+
+    DataSpec        the mixture: sources, window, example layout, tokenizer, normalization,
+                    FAST targets, seed and global batch size, readers
+    SourceSpec      one mixture component (a config's data.sources.<name>)
+    FastSpec        π0.5 FAST action targets: whether on, and how to fit the tokenizer
+    GenerationSpec  what tools.generate plays and renders (Meta-World tasks, episodes, cameras)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from data.layout import Layout
+from data.windows import WindowSpec
+
+KINDS = ("robot", "vl", "video", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One mixture component.
+
+    kind: robot (RLDS episodes, data/rlds.py), vl / video (our image-text datasets), tfds (any
+    TFDS image-text dataset, data/tfds_image_text.py). path: its dataset directory, relative to
+    DataSpec.root unless absolute; with data_dir, the registered TFDS name.
+    """
+
+    name: str
+    kind: str
+    path: str
+    weight: float
+    spec: str | Mapping[str, Any] | None = None  # robot: a data/rlds.py DatasetSpec name or fields
+    data_dir: str | None = None  # tfds: the data_dir of a registered dataset
+    fields: Mapping[str, Any] | None = None  # tfds: data/tfds_image_text.FieldMap fields
+
+    def entry(self) -> dict[str, Any]:
+        """The config entry this was built from, for messages."""
+        out = dict(kind=self.kind, path=self.path, spec=self.spec, weight=self.weight,
+                   data_dir=self.data_dir, fields=self.fields)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class FastSpec:
+    """FAST action tokens as robot text targets (data/fast_targets.py). `enabled` asks tools.stats
+    to fit them; the pipeline emits them in π0.5 mode only (DataSpec.fast_targets)."""
+
+    enabled: bool = False
+    vocab_size: int = 1024  # BPE pieces (token ids appended after the text vocabulary)
+    scale: float = 10.0  # DCT coefficients are rounded to 1 / scale
+    fit_chunks: int = 5000  # windows sampled from the train split to fit on
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The mixture of a run. sources are sorted by name: batch["source"] indexes them."""
+
+    root: str
+    sources: tuple[SourceSpec, ...]
+    window: WindowSpec
+    layout: Layout
+    tokenizer: str  # SentencePiece model, relative to root unless absolute
+    normalization: str  # quantile | meanstd (data/normalize.py)
+    fast: FastSpec
+    seed: int
+    batch_size: int  # global
+    workers: int = 0  # Grain worker processes; 0 reads in a thread
+    prefetch: int = 2  # batches read ahead
+    strict: bool = False  # re-raise bad records instead of skipping them
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> SourceSpec:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"no source {name!r}; sources: {self.names}")
+
+    @property
+    def robot_sources(self) -> tuple[SourceSpec, ...]:
+        return tuple(s for s in self.sources if s.kind == "robot")
+
+    @property
+    def fast_targets(self) -> bool:
+        """Whether robot examples carry FAST action tokens (π0.5 runs with fast.enabled)."""
+        return self.layout.pi05 and self.fast.enabled
+
+    def dataset_dir(self, source: SourceSpec) -> str:
+        """A source's dataset directory: its path, relative to root unless absolute."""
+        return os.path.join(self.root, source.path)
+
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.root, self.tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+    """What tools.generate writes: scripted-expert Meta-World episodes of `tasks`, rendered from
+    `cameras` at image_size², and a SentencePiece tokenizer of tokenizer_vocab_size pieces."""
+
+    tasks: tuple[str, ...]
+    episodes_per_task: int
+    heldout_episodes_per_task: int
+    cameras: tuple[str, ...]
+    image_size: int
+    tokenizer_vocab_size: int
+    seed: int
