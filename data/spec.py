@@ -60,7 +60,7 @@ class FastSpec:
 class DataSpec:
     """The mixture of a run. sources are sorted by name: batch["source"] indexes them."""
 
-    root: str
+    root: str | None  # None: not set (a config placeholder); reading data then fails
     sources: tuple[SourceSpec, ...]
     window: WindowSpec
     layout: Layout
@@ -94,10 +94,16 @@ class DataSpec:
 
     def dataset_dir(self, source: SourceSpec) -> str:
         """A source's dataset directory: its path, relative to root unless absolute."""
-        return os.path.join(self.root, source.path)
+        return os.path.join(self._root(), source.path)
 
     def tokenizer_path(self) -> str:
-        return os.path.join(self.root, self.tokenizer)
+        return os.path.join(self._root(), self.tokenizer)
+
+    def _root(self) -> str:
+        if self.root is None:
+            raise ValueError("the data root is not set: give it as --config.data.root=DIR, the "
+                             "directory the sources' paths are relative to")
+        return self.root
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ the source with `ast`, without importing anything.
     configs -> vla, data         launch -> configs         vla.train -> vla.models, data
     data never imports vla       vla.models imports neither data nor vla.train
     configs never imports launch
+and the layers below the spec builder (configs/specs.py) never see a ConfigDict: data/ and
+vla/models do not import ml_collections.
 """
 import ast
 import pathlib
@@ -53,17 +55,20 @@ def _imported(node: ast.AST, module: str, is_package: bool, known: set[str]) -> 
     return out
 
 
+def _statements(path: pathlib.Path):
+    return [n for n in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
 def import_graph() -> dict[str, set[str]]:
     modules = project_modules()
     known = set(modules)
     graph = {}
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(), str(path))
         is_package = path.name == "__init__.py"
         deps = set()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                deps |= _imported(node, name, is_package, known)
+        for node in _statements(path):
+            deps |= _imported(node, name, is_package, known)
         graph[name] = deps - {name}
     return graph
 
@@ -121,3 +126,14 @@ def test_dependencies_point_one_way(importer, imported):
     bad = sorted(f"{m} imports {d}" for m, deps in import_graph().items() if _under(m, importer)
                  for d in deps if _under(d, imported))
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", ["data", "vla/models"])
+def test_layers_below_the_specs_never_see_a_config(package):
+    readers = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in _statements(path):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n == "ml_collections" or n.startswith("ml_collections.") for n in names):
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not readers, f"{package} imports ml_collections: {readers}"

@@ -84,8 +84,10 @@ Sampler = Callable[[Params, dict, jax.Array], jax.Array]
 
 def model_spec(spec: specs_lib.RunSpec, ckpt_metadata: dict) -> VLAConfig:
     """The model a run trained: its config's, with the FAST id range its data decided (the
-    checkpoint metadata's fast_token_start; vla/train.py)."""
-    return dataclasses.replace(spec.model, fast_token_start=ckpt_metadata["fast_token_start"])
+    checkpoint metadata's fast_token_start; vla/train.py). Runs written before the metadata
+    carried it kept it in their config (model.fast_token_start), which specs.build reads."""
+    start = ckpt_metadata.get("fast_token_start", spec.model.fast_token_start)
+    return dataclasses.replace(spec.model, fast_token_start=start)
 
 
 def abstract_model(model: VLAConfig) -> tuple[nnx.GraphDef, dict]:
@@ -160,7 +162,7 @@ def describe(spec: specs_lib.RunSpec, ckpt_metadata: dict, source: str | None = 
         "source": source, "robot_sources": robots,
         "normalization": data.normalization, "stats": stats,
         "tokenizer_vocab_size": int(ckpt_metadata["tokenizer_vocab_size"]),
-        "fast_token_start": ckpt_metadata["fast_token_start"],
+        "fast_token_start": model_spec(spec, ckpt_metadata).fast_token_start,
         # π0.5 decodes a subtask first when its robot data taught one; stage 1 (no flow head)
         # reads its actions from generated FAST tokens.
         "subtask": bool(pi05 and m.text_loss_weight and dataset_spec.subtask_key),
