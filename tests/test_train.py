@@ -132,6 +132,18 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(generated_ro
     assert steps and steps[-1] == bad - 1
 
 
+def test_nan_check_covers_the_update_so_no_checkpoint_on_disk_is_nan(generated_root, tmp_path):
+    """lr overflows float32 at step 1: that step's loss and gradient (taken before the update) are
+    finite, its update and new parameters are not, and checkpoint 1 must never be written."""
+    c = small_config(generated_root, total_steps=3, checkpoint_every=1, eval_batches=0,
+                     **{"optimizer.lr": 1e40, "optimizer.warmup_steps": 0})
+    with pytest.raises(FloatingPointError, match="step 1: "):
+        train_lib.train(train_lib.prepare(c, str(tmp_path)))
+    for step in os.listdir(tmp_path / "checkpoints"):
+        state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / step / "state")
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+
+
 def test_microbatches_are_strided_so_every_shard_feeds_each_one():
     batch = {"x": jnp.arange(8)[:, None] * jnp.ones((1, 3)), "images": {"cam": jnp.arange(8)}}
     micro = train_lib.microbatches(batch, 2)

@@ -103,6 +103,12 @@ def init_state(optimizer: optimizer_lib.OptimizerSpec, mesh: jax.sharding.Mesh,
         return jax.jit(build, donate_argnums=0)(params)
 
 
+def _count_nonfinite(state: State) -> jax.Array:
+    """NaN or Inf values among a state's parameters and EMA (int32 scalar)."""
+    trees = [state["params"], state.get("ema", {})]
+    return sum((jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(trees)), jnp.zeros((), jnp.int32))
+
+
 def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, num_sources: int
                     ) -> Callable[[State, Batch], tuple[State, dict]]:
@@ -146,8 +152,8 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
         if "ema" in state:
             new_state["ema"] = optimizer_lib.ema_update(state["ema"], new_params, optimizer.ema_decay,
                                                         state["step"])
-        metrics = dict(scalars, grad_norm=optax.tree.norm(grads),
-                       update_norm=optax.tree.norm(updates), lr=schedule(state["step"]))
+        metrics = dict(scalars, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                       lr=schedule(state["step"]), nonfinite_params=_count_nonfinite(new_state))
         for name, (total, count) in per_source.items():
             metrics[per_source_key(name, "sum")], metrics[per_source_key(name, "count")] = total, count
         return new_state, metrics
@@ -170,10 +176,14 @@ class Interval:
         self._per_source: dict[str, np.ndarray] = {}
 
     def add(self, step: int, m: dict[str, np.ndarray], data_wait: float) -> None:
-        for key in ("loss", "grad_norm"):
-            if not np.isfinite(m[key]):
-                raise FloatingPointError(f"step {step}: {key} is {float(m[key])}; stopping "
-                                         f"(the last checkpoint holds the last good state)")
+        # The loss and gradient come from the parameters before the update; the count covers the
+        # parameters (and EMA) the step leaves behind, which a save would write.
+        bad = [f"{key} is {float(m[key])}" for key in ("loss", "grad_norm") if not np.isfinite(m[key])]
+        if m["nonfinite_params"]:
+            bad.append(f"{int(m['nonfinite_params'])} parameter values are not finite after the update")
+        if bad:
+            raise FloatingPointError(f"step {step}: {'; '.join(bad)}; stopping (the last checkpoint "
+                                     f"holds the last good state)")
         self.steps += 1
         self.data_wait += data_wait
         for k, v in m.items():
