@@ -15,7 +15,8 @@ The config is read once, into typed specs (configs/specs.py); everything below t
 runs it. The command line adds the closed-loop Meta-World hook when config.sim_eval.tasks is set.
 
 Stops: at total_steps; on SIGTERM (all processes save at the same step, then exit 0); on a NaN or
-Inf loss or gradient (raises FloatingPointError naming the step, without saving that state).
+Inf loss, gradient or parameter after the update (raises FloatingPointError naming the step,
+without saving that state, so every checkpoint on disk is finite).
 """
 from __future__ import annotations
 
