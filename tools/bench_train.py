@@ -70,8 +70,9 @@ def _benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, saves
     data, mesh, ckpt, state = run.data, run.mesh, run.ckpt, run.state
     try:
         rules = run.spec.mesh.rules
+        batch_sharding = sharding.batch_sharding(mesh, rules)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            batch = sharding.global_batch(next(data), mesh, rules)
+            batch = sharding.global_batch(next(data), batch_sharding)
             rows["compile train step"], step_fn = _timed(
                 lambda: run.train_step.lower(state, batch).compile())
 
@@ -83,7 +84,7 @@ def _benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, saves
                     break
                 t0 = time.perf_counter()
                 if i:  # the first batch is the one compiled against
-                    batch = sharding.global_batch(next(data), mesh, rules)
+                    batch = sharding.global_batch(next(data), batch_sharding)
                 waits.append(time.perf_counter() - t0)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
@@ -108,7 +109,7 @@ def _benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, saves
                 ckpt.wait()
                 save_rows.append((blocking, _since(t0)))
                 if k + 1 < saves:  # a new step to save: one more train step
-                    state, _ = step_fn(state, sharding.global_batch(next(data), mesh, rules))
+                    state, _ = step_fn(state, sharding.global_batch(next(data), batch_sharding))
             if save_rows:
                 block = np.median([r[0] for r in save_rows], axis=0)
                 total = np.median([r[1] for r in save_rows], axis=0)

@@ -33,13 +33,14 @@ class Evaluator:
                  action_dim: int, hooks: Sequence[EvalHook] = ()):
         """batches: held-out batches per evaluation; seed: the run's (noise is drawn from
         seed + 1 and the batch index); flow_steps: Euler steps of the sampled chunks."""
-        self._graphdef, self._mesh, self._rules, self._hooks = graphdef, mesh, rules, hooks
+        self._graphdef, self._hooks = graphdef, hooks
         self._batches, self._seed, self._flow_steps = batches, seed, flow_steps
         self._data, self._start = heldout, heldout.get_state()
         self._names = heldout.names
         # Inputs that are not batches are replicated explicitly: in a multi-process run a jitted
         # function accepts only arrays placed on the global mesh.
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._batch_sharding = sharding.batch_sharding(mesh, rules)
         self._tables = jax.device_put(_native_tables(action_dim, heldout), self._replicated)
         self._step = jax.jit(self._eval_step, out_shardings=self._replicated)
 
@@ -66,7 +67,7 @@ class Evaluator:
         self._data.set_state(self._start)
         totals = None
         for i in range(self._batches):
-            batch = sharding.global_batch(next(self._data), self._mesh, self._rules)
+            batch = sharding.global_batch(next(self._data), self._batch_sharding)
             out = self._step(params, batch, self._tables, jax.device_put(np.int32(i), self._replicated))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         t = jax.tree.map(np.asarray, jax.device_get(totals))

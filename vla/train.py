@@ -351,6 +351,7 @@ def _loop(run: Run, evaluator: Evaluator | None, writer: MetricsWriter) -> dict[
     last: dict[str, float] = {}
     pending = None  # (step, metrics, data wait): fetched one step late so host and device overlap
     bar = tqdm(total=total, initial=run.start, disable=not chief, desc="train", dynamic_ncols=True)
+    batch_sharding = sharding.batch_sharding(run.mesh, run.spec.mesh.rules)
 
     def settle():
         """Pulls the pending step's metrics (waits for that step), checks them for NaN/Inf."""
@@ -376,7 +377,7 @@ def _loop(run: Run, evaluator: Evaluator | None, writer: MetricsWriter) -> dict[
 
     for step in range(run.start + 1, total + 1):
         t0 = time.perf_counter()
-        batch = sharding.global_batch(next(data), run.mesh, run.spec.mesh.rules)
+        batch = sharding.global_batch(next(data), batch_sharding)
         wait = time.perf_counter() - t0
         state, metrics = run.train_step(state, batch)
         settle()
