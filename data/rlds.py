@@ -41,16 +41,24 @@ VERSION = "1.0.0"
 
 class CorruptRecordError(RuntimeError):
     """A record or image of a dataset could not be read. `step` is None when the whole
-    episode record is unreadable."""
+    episode record is unreadable; `file` is the shard holding the record, when known."""
 
-    def __init__(self, dataset: str, episode: int, step: int | None, cause: BaseException):
-        self.dataset, self.episode, self.step, self.cause = dataset, episode, step, cause
+    def __init__(self, dataset: str, episode: int, step: int | None, cause: BaseException,
+                 file: str | None = None):
+        self.dataset, self.episode, self.step, self.cause, self.file = dataset, episode, step, cause, file
         where = f"episode {episode}" + ("" if step is None else f", step {step}")
-        super().__init__(f"corrupt record in dataset {dataset!r}, {where}: "
+        in_file = "" if file is None else f" (file {file})"
+        super().__init__(f"corrupt record in dataset {dataset!r}, {where}{in_file}: "
                          f"{type(cause).__name__}: {cause}")
 
     def __reduce__(self):  # crosses process boundaries (Grain workers) intact
-        return CorruptRecordError, (self.dataset, self.episode, self.step, self.cause)
+        return CorruptRecordError, (self.dataset, self.episode, self.step, self.cause, self.file)
+
+
+def shard_of(split: tfds.core.SplitInfo, index: int) -> str:
+    """The file of a split that holds record `index` (for error messages)."""
+    shard = int(np.searchsorted(np.cumsum(split.shard_lengths), index, side="right"))
+    return os.fspath(split.filepaths[min(shard, len(split.filepaths) - 1)])
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -358,6 +366,7 @@ class RobotDataset:
         lengths = metadata.get("episode_lengths", {}).get(split)
         self._lengths = None if lengths is None else np.asarray(lengths, np.int64)
         self._builder_dir = os.fspath(builder.data_dir)
+        self._split_info = builder.info.splits[split]
         self._source = None
 
     def _check_spec(self, builder: tfds.core.DatasetBuilder) -> None:
@@ -417,7 +426,11 @@ class RobotDataset:
         try:
             return self.source[index]
         except Exception as e:  # riegeli/proto errors surface as assorted types
-            raise CorruptRecordError(self.name, index, None, e) from e
+            raise CorruptRecordError(self.name, index, None, e, self.file_of(index)) from e
+
+    def file_of(self, index: int) -> str:
+        """The shard file holding episode `index`."""
+        return shard_of(self._split_info, index)
 
     def episode(self, index: int) -> RobotEpisode:
         return RobotEpisode(self, index, self._record(index))
@@ -449,7 +462,8 @@ class RobotEpisode:
         try:
             return self._steps[i]
         except Exception as e:  # an undecodable image or truncated step
-            raise CorruptRecordError(self.dataset, self.episode_index, i, e) from e
+            raise CorruptRecordError(self.dataset, self.episode_index, i, e,
+                                     self._ds.file_of(self.episode_index)) from e
 
     def steps(self, indices: Sequence[int]) -> dict[str, Any]:
         """images {camera: uint8 [n, h, w, 3]}, state f32 [n, S_native], actions f32
@@ -468,7 +482,8 @@ class RobotEpisode:
             for i, f in zip(indices, frames, strict=True):
                 if f is None or f.ndim != 3:
                     raise CorruptRecordError(self.dataset, self.episode_index, int(i),
-                                             ValueError(f"undecodable image {key!r}"))
+                                             ValueError(f"undecodable image {key!r}"),
+                                             self._ds.file_of(self.episode_index))
             images[cam] = np.stack(frames).astype(np.uint8)
         state = np.stack([np.concatenate([np.ravel(_get(r, k)) for k in spec.state_keys])
                           for r in rows]).astype(np.float32)

@@ -117,6 +117,14 @@ class RobotSource:
         e = int(np.searchsorted(self._starts, i, side="right")) - 1
         return e, int(i - self._starts[e])
 
+    def unit_of(self, i: int) -> int:
+        """The episode of index i: the unit bad data is skipped by."""
+        return self.locate(i)[0]
+
+    def next_unit(self, i: int) -> int:
+        """The first index of the episode after i's (len(self) after the last)."""
+        return int(self._starts[self.unit_of(i) + 1])
+
     def _episode(self, e: int) -> tuple:
         """(episode to cut windows from, its {"state", "actions"} or None, instruction)."""
         ep = self._dataset.get().episode(e)
@@ -187,6 +195,13 @@ class TextSource:
 
     def __len__(self) -> int:
         return self._len
+
+    def unit_of(self, i: int) -> int:
+        """Records are the unit bad data is skipped by."""
+        return i
+
+    def next_unit(self, i: int) -> int:
+        return i + 1
 
     def __getitem__(self, i: int) -> dict:
         item = self._examples.get()[i]

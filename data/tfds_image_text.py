@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data.rlds import CorruptRecordError, encode_png, open_builder
+from data.rlds import CorruptRecordError, encode_png, open_builder, shard_of
 
 
 def text_features(cameras: Sequence[str], image_size: int) -> tfds.features.FeaturesDict:
@@ -108,7 +108,8 @@ class ImageTextSource:
         try:
             record = self._source[index]
         except Exception as e:  # riegeli/proto/image decode errors surface as assorted types
-            raise CorruptRecordError(self.name, index, None, e) from e
+            raise CorruptRecordError(self.name, index, None, e,
+                                     shard_of(self._builder.info.splits[self.split], index)) from e
         if self.fields is None:
             return {"images": {cam: np.stack(frames).astype(np.uint8)
                                for cam, frames in record["images"].items()},

@@ -2,7 +2,10 @@
 for a given set of devices, a run's progress on disk, and child processes that stop together.
 
 The trainer command is always `python -m vla.train --config FILE[:arg] --workdir DIR
---config.key=value ...`; launchers only decide where and how many times it runs.
+--config.key=value ...`; launchers only decide where and how many times it runs. A workdir or
+sweep root is a local path or a gs:// URL: every path goes through data/storage.py, which
+refuses any other scheme. What must be a local file (the output of processes spawned here,
+streamed into a file descriptor) lives in `local_dir(workdir)`.
 """
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ from typing import Any
 
 import ml_collections
 from absl import app
+from etils import epath
 
+from data import storage
 from vla import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER_MODULE = "vla.train"
+GCS_LOCAL = os.path.join("runs", "gcs")  # below the current directory: local_dir of gs:// workdirs
+COMMIT_FILE = "commit_success.txt"  # Orbax's marker of a complete checkpoint on gs://
 
 
 # ------------------------------------------------------------------------------- command lines
@@ -129,21 +136,47 @@ def mesh_overrides(mesh: Mapping[str, int], devices_per_slice: int, slices: int 
     return {f"mesh.{name}": size for name, size in zip(sharding.MESH_AXES + sharding.DCN_AXES, ici + dcn)}
 
 
+# ------------------------------------------------------------------------------- storage
+
+def check_writable(directory: str, what: str) -> None:
+    """storage.check_writable as a usage error naming the flag: a bad bucket or an unwritable
+    folder stops a launcher before any job starts."""
+    try:
+        storage.check_writable(directory)
+    except OSError as e:
+        raise app.UsageError(f"{what}: {e}") from e
+
+
+def local_dir(workdir: str) -> str:
+    """A folder on this machine for what a launcher keeps next to a run and must be a local file:
+    the workdir itself (absolute) when local; for gs://BUCKET/PATH, whose objects a child's output
+    cannot stream into, runs/gcs/BUCKET/PATH below the current directory."""
+    if not storage.is_remote(workdir):
+        return os.fspath(storage.path(workdir))
+    bucket_and_path = os.fspath(storage.path(workdir)).split("://", 1)[1].strip("/")
+    return os.path.abspath(os.path.join(GCS_LOCAL, *bucket_and_path.split("/")))
+
+
 # ------------------------------------------------------------------------------- progress
 
+def _complete(step: epath.Path) -> bool:
+    """A local checkpoint is complete once it has its step's name (Orbax renames it into place);
+    on gs://, where Orbax writes in place, once its commit marker (written last) exists."""
+    return (step / COMMIT_FILE).exists() if storage.is_remote(step) else step.is_dir()
+
+
 def latest_step(workdir: str) -> int | None:
-    """The newest complete checkpoint in WORKDIR/checkpoints (Orbax names them by step and
-    writes them under a temporary name until they are complete)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    """The newest complete checkpoint in WORKDIR/checkpoints, as the trainers wrote it so far."""
+    directory = storage.fresh(workdir) / "checkpoints"
+    if not directory.is_dir():
         return None
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and _complete(p)]
     return max(steps) if steps else None
 
 
 def is_finished(workdir: str, total_steps: int) -> bool:
     """The run saved its final checkpoint (the trainer always saves at total_steps)."""
-    return os.path.isdir(os.path.join(workdir, "checkpoints", str(total_steps)))
+    return _complete(storage.fresh(workdir) / "checkpoints" / str(total_steps))
 
 
 def where(workdir: str, total_steps: int, logs: str) -> str:
@@ -151,7 +184,7 @@ def where(workdir: str, total_steps: int, logs: str) -> str:
     step = latest_step(workdir)
     state = ("no checkpoint yet" if step is None else f"latest step {step} of {total_steps}"
              + ("" if step >= total_steps else "; run the same command again to resume from it"))
-    return f"logs: {logs}\ncheckpoints: {os.path.join(workdir, 'checkpoints')} ({state})"
+    return f"logs: {logs}\ncheckpoints: {storage.join(workdir, 'checkpoints')} ({state})"
 
 
 # ------------------------------------------------------------------------------- processes

@@ -6,7 +6,10 @@ r"""The trainer in P processes on this machine over loopback: a pod's code path 
 Every process runs the same trainer command with JAX_PLATFORMS=cpu, its own forced host-device
 count in XLA_FLAGS, and JAX_COORDINATOR_ADDRESS (a free loopback port), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID for jax.distributed, exactly as on a pod. Process 0's output is echoed with a
-"[0] " prefix; each process logs to WORKDIR/logs/process_<i>.log.
+"[0] " prefix; each process logs to WORKDIR/logs/process_<i>.log. The workdir may be a gs:// URL
+(checked writable before any process starts); a process's output streams into a local file, not
+an object, so its logs then go to runs/gcs/BUCKET/PATH/logs/ below the current directory, and
+the launcher prints where.
 
 Failures: a process that exits non-zero or is killed ends the job (the others get SIGTERM, then
 SIGKILL after --grace_s) and the launcher exits non-zero. SIGTERM or Ctrl-C to the launcher
@@ -27,6 +30,7 @@ from typing import BinaryIO
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import cli
 from launch import common
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -57,8 +61,13 @@ def worker_env(base: Mapping[str, str], process_id: int, processes: int, port: i
     return env
 
 
-def log_path(workdir: str, process_id: int) -> str:
-    return os.path.join(workdir, "logs", f"process_{process_id}.log")
+def log_dir(workdir: str) -> str:
+    """WORKDIR/logs, on this machine (common.local_dir) for a gs:// workdir."""
+    return os.path.join(common.local_dir(workdir), "logs")
+
+
+def log_path(logs: str, process_id: int) -> str:
+    return os.path.join(logs, f"process_{process_id}.log")
 
 
 def _echo(pipe: BinaryIO, log: str, out: BinaryIO, prefix: bytes) -> None:
@@ -80,10 +89,11 @@ def _echo(pipe: BinaryIO, log: str, out: BinaryIO, prefix: bytes) -> None:
             out.flush()
 
 
-def launch(trainer: Sequence[str], workdir: str, processes: int, devices_per_process: int,
+def launch(trainer: Sequence[str], logs: str, processes: int, devices_per_process: int,
            grace_s: float = 10.0, out: BinaryIO | None = None) -> int:
-    """Runs `python <trainer...>` in `processes` processes; returns 0 if all exited 0, else the
-    first failure's exit code (1 for a process killed by a signal)."""
+    """Runs `python <trainer...>` in `processes` processes, each logging to the local folder
+    `logs`; returns 0 if all exited 0, else the first failure's exit code (1 for a process killed
+    by a signal)."""
     if processes < 1 or devices_per_process < 1:
         raise ValueError(f"need at least one process and one device, got {processes} x {devices_per_process}")
     out = out if out is not None else sys.stdout.buffer
@@ -91,9 +101,9 @@ def launch(trainer: Sequence[str], workdir: str, processes: int, devices_per_pro
     procs: list[subprocess.Popen] = []
     for i in range(processes):
         env = worker_env(os.environ, i, processes, port, devices_per_process)
-        procs.append(common.spawn([sys.executable, *trainer], env, log_path(workdir, i), capture=i == 0))
-        print(f"process {i}: pid {procs[i].pid}, log {log_path(workdir, i)}", flush=True)
-    echo = threading.Thread(target=_echo, args=(procs[0].stdout, log_path(workdir, 0), out, b"[0] "),
+        procs.append(common.spawn([sys.executable, *trainer], env, log_path(logs, i), capture=i == 0))
+        print(f"process {i}: pid {procs[i].pid}, log {log_path(logs, i)}", flush=True)
+    echo = threading.Thread(target=_echo, args=(procs[0].stdout, log_path(logs, 0), out, b"[0] "),
                             daemon=True)
     echo.start()
     code = 0
@@ -104,7 +114,7 @@ def launch(trainer: Sequence[str], workdir: str, processes: int, devices_per_pro
             if failed:
                 i, c = failed[0]
                 reason = f"was killed by signal {-c}" if c < 0 else f"exited with code {c}"
-                print(f"process {i} {reason}: stopping the others (see {log_path(workdir, i)})", flush=True)
+                print(f"process {i} {reason}: stopping the others (see {log_path(logs, i)})", flush=True)
                 common.terminate(procs, grace_s)
                 code = c if c > 0 else 1
                 break
@@ -123,18 +133,22 @@ def main(argv: Sequence[str]) -> None:
     config = f.config
     spec = config_flags.get_config_filename(f["config"])
     overrides = common.override_flags(config, list(config_flags.get_override_values(f["config"])))
-    code = launch(common.trainer_args(spec, f.workdir, overrides), f.workdir, f.processes,
+    common.check_writable(f.workdir, "--workdir")
+    logs = log_dir(f.workdir)
+    code = launch(common.trainer_args(spec, f.workdir, overrides), logs, f.processes,
                   f.devices_per_process, f.grace_s)
-    print(common.where(f.workdir, int(config.total_steps), os.path.join(f.workdir, "logs", "process_*.log")))
+    print(common.where(f.workdir, int(config.total_steps), os.path.join(logs, "process_*.log")))
     sys.exit(code)
 
 
 def define_flags() -> None:
     """The command line: python -m launch.local --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, metrics, and one log per process in "
-                        "logs/ (required). Launching again with the same one resumes from its latest checkpoint.")
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.")
+    flags.DEFINE_string("workdir", None, "The run's directory, a local path or gs://BUCKET/PATH (required): "
+                        "checkpoints, metrics, and one log per process in logs/ (for gs://, in "
+                        "runs/gcs/BUCKET/PATH/logs/ below the current directory). Launching again with the same "
+                        "one resumes from its latest checkpoint.")
     flags.DEFINE_integer("processes", 2, "Trainer processes to start on this machine (jax.distributed over "
                          "loopback; 1 runs a single process).")
     flags.DEFINE_integer("devices_per_process", 1, "CPU devices each process gets (forced with "

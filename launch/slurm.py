@@ -16,6 +16,12 @@ Failures: srun --kill-on-bad-exit ends every task when one fails. SLURM's SIGTER
 scancel, or --signal 2 minutes before the time limit) makes every process save at the same step
 and exit; the job is requeued on preemption, and submitting the same command again resumes from
 the latest checkpoint. Logs: WORKDIR/logs/slurm-<job id>.out.
+
+WORKDIR may be gs://BUCKET/PATH: the trainers write checkpoints and metrics there (the nodes need
+gcsfs and credentials), but sbatch reads its script and SLURM writes its logs on a filesystem, so
+those two go to runs/gcs/BUCKET/PATH/{slurm,logs}/ below the current directory: the checkout, on
+the shared filesystem, which the job runs from. Either way the workdir is checked writable
+before submitting.
 """
 from __future__ import annotations
 
@@ -28,17 +34,20 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import cli
+from data import storage
 from launch import common
 
 
 def script(*, job_name: str, nodes: int, gpus_per_node: int, per_gpu: bool, trainer: Sequence[str],
-           workdir: str, venv: str, time_limit: str, env: Mapping[str, str], partition: str | None = None,
+           logs: str, venv: str, time_limit: str, env: Mapping[str, str], partition: str | None = None,
            account: str | None = None, command: str = "") -> str:
-    """The sbatch script; `trainer` is the trainer's own flags (--config ... --workdir ...)."""
+    """The sbatch script; `trainer` is the trainer's own flags (--config ... --workdir ...), `logs`
+    the shared folder SLURM writes the job's output to."""
     tasks = gpus_per_node if per_gpu else 1
     options = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
                f"--gpus-per-node={gpus_per_node}", f"--time={time_limit}",
-               f"--output={workdir}/logs/slurm-%j.out", "--open-mode=append",
+               f"--output={logs}/slurm-%j.out", "--open-mode=append",
                "--signal=TERM@120", "--requeue"]
     options += [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
     process_env = "JAX_PROCESS_ID=$SLURM_PROCID" + (" JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID" if per_gpu else "")
@@ -61,14 +70,20 @@ def script(*, job_name: str, nodes: int, gpus_per_node: int, per_gpu: bool, trai
 
 
 def script_path(workdir: str) -> str:
-    return os.path.join(workdir, "slurm", "train.sbatch")
+    """WORKDIR/slurm/train.sbatch; sbatch reads a file, so for a gs:// workdir common.local_dir's."""
+    return os.path.join(common.local_dir(workdir), "slurm", "train.sbatch")
+
+
+def log_dir(workdir: str) -> str:
+    """WORKDIR/logs; SLURM writes files, so for a gs:// workdir common.local_dir's."""
+    return os.path.join(common.local_dir(workdir), "logs")
 
 
 def submit(text: str, workdir: str) -> str:
     """Writes the script, submits it from this checkout; returns SLURM's job id."""
     path = script_path(workdir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)  # SLURM does not create it
+    os.makedirs(log_dir(workdir), exist_ok=True)  # SLURM does not create it
     with open(path, "w") as f:
         f.write(text)
     proc = subprocess.run(["sbatch", "--parsable", path], check=False, cwd=common.REPO,
@@ -88,28 +103,30 @@ def main(argv: Sequence[str]) -> None:
     mesh = common.mesh_overrides(config.mesh, f.nodes * gpus // slices, slices)
     config.update_from_flattened_dict(mesh)
     keys = [k for k in config_flags.get_override_values(f["config"]) if k not in mesh] + list(mesh)
-    workdir = os.path.abspath(f.workdir)
-    text = script(job_name=f.job_name or os.path.basename(workdir.rstrip("/")), nodes=f.nodes,
+    workdir = os.fspath(storage.path(f.workdir))  # absolute, or a gs:// URL; other schemes fail here
+    text = script(job_name=f.job_name or storage.path(workdir).name, nodes=f.nodes,
                   gpus_per_node=gpus, per_gpu=f.per_gpu,
                   trainer=common.trainer_flags(spec, workdir, common.override_flags(config, keys)),
-                  workdir=workdir, venv=f.venv, time_limit=f.time, env=dict(e.split("=", 1) for e in f.env),
+                  logs=log_dir(workdir), venv=f.venv, time_limit=f.time, env=dict(e.split("=", 1) for e in f.env),
                   partition=f.partition, account=f.account,
                   command=shlex.join(["python", "-m", "launch.slurm",
                                       *(a for a in sys.argv[1:] if a.lstrip("-") not in ("dry_run", "nodry_run"))]))
     if f.dry_run:
         print(f"# {script_path(workdir)}\n{text}$ sbatch --parsable {script_path(workdir)}")
         return
+    common.check_writable(workdir, "--workdir")
     job = submit(text, workdir)
     print(f"submitted job {job}: {script_path(workdir)}\n"
-          + common.where(workdir, int(config.total_steps), os.path.join(workdir, "logs", f"slurm-{job}.out")))
+          + common.where(workdir, int(config.total_steps), os.path.join(log_dir(workdir), f"slurm-{job}.out")))
 
 
 def define_flags() -> None:
     """The command line: python -m launch.slurm --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory on the filesystem every node shares (required): "
-                        "checkpoints, metrics, slurm/train.sbatch and logs/.")
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.")
+    flags.DEFINE_string("workdir", None, "The run's directory on the filesystem every node shares, or "
+                        "gs://BUCKET/PATH (required): checkpoints, metrics, slurm/train.sbatch and logs/ (for "
+                        "gs://, the last two in runs/gcs/BUCKET/PATH/ below the current directory).")
     flags.DEFINE_integer("nodes", 1, "Number of nodes (machines) the job runs on.")
     flags.DEFINE_integer("gpus_per_node", 8, "GPUs on each node; the mesh is sized to nodes x this.")
     flags.DEFINE_bool("per_gpu", False, "Start one trainer process per GPU (each seeing only its GPU) instead of "

@@ -9,14 +9,16 @@ and the cost model's view of its config (vla.cost): parameters, the inference la
 an action chunk on --chip, and whether that fits the real-time budget of its control rate.
 Writes ROOT/summary.csv, ROOT/summary.md and ROOT/summary.png: one panel per metric against the
 --x knob (default: the first swept key that varies), one line per combination of the others.
+ROOT and the runs' workdirs may be gs:// URLs: everything is read and written through
+data/storage.py.
 """
 from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,7 @@ from ml_collections import ConfigDict
 
 from configs import specs
 from configs.grid import informative_keys
+from data import storage
 from launch import common
 from vla import cost
 
@@ -35,13 +38,12 @@ DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "eval/
 
 def final_metrics(workdir: str) -> dict[str, float]:
     """The last logged value of every metric, and the last logged step."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = storage.fresh(workdir) / "metrics.jsonl"
     out: dict[str, float] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    out.update(json.loads(line))
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.update(json.loads(line))
     return out
 
 
@@ -76,10 +78,11 @@ def _text(value: Any) -> str:
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.path(path).write_text(text.getvalue())
 
 
 def markdown(columns: Sequence[str], rows: Sequence[dict]) -> str:
@@ -113,17 +116,17 @@ def plot(path: str, rows: Sequence[dict], x: str, series: Sequence[str], panels:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with storage.path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 def write(root: str, x: str | None = None, patterns: Sequence[str] = DEFAULT_METRICS,
           chip: str = "h100") -> dict[str, str]:
     """Writes ROOT/summary.{csv,md,png}; returns their paths. The plot shows the finished runs."""
-    path = os.path.join(root, "manifest.json")
-    if not os.path.exists(path):
+    path = storage.fresh(root) / "manifest.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run launch.sweep with --root {root} first")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = json.loads(path.read_text())
     columns, rows = table(manifest, patterns, chip)
     keys = list(dict.fromkeys(k for r in manifest["runs"] for k in r["overrides"]))
     shown = [r for r in rows if r["status"] == "finished"] or rows
@@ -132,10 +135,9 @@ def write(root: str, x: str | None = None, patterns: Sequence[str] = DEFAULT_MET
     x = x or (varying[0] if varying else keys[0] if keys else None)
     if x not in keys:
         raise ValueError(f"--x={x!r} is not a swept key; swept: {keys}")
-    paths = {kind: os.path.join(root, f"summary.{kind}") for kind in ("csv", "md", "png")}
+    paths = {kind: storage.join(root, f"summary.{kind}") for kind in ("csv", "md", "png")}
     write_csv(paths["csv"], columns, rows)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(columns, rows))
+    storage.path(paths["md"]).write_text(markdown(columns, rows))
     panels = [c for c in columns[3 + len(keys):] if any(isinstance(r.get(c), (int, float)) for r in shown)]
     plot(paths["png"], shown, x, [k for k in varying if k != x], panels)
     return paths
@@ -146,8 +148,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     paths = write(f.root, f.x, [p.strip() for p in f.metrics.split(",") if p.strip()], f.chip)
-    with open(paths["md"]) as md:
-        print(md.read())
+    print(storage.path(paths["md"]).read_text())
     print("\n".join(paths.values()))
 
 

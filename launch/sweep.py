@@ -14,6 +14,10 @@ each logging to ROOT/NAME/output.log. ROOT/manifest.json lists every run of the 
 overrides, workdir, command, resolved config, status (pending, running, finished, failed, or
 submitted for SLURM) and exit code; it is rewritten whenever a status changes.
 
+ROOT may be gs://BUCKET/PATH for every backend (checked writable before any run starts): the
+manifest, the runs' workdirs and the summary go there, and the commands' output.log files, which
+stream into local files, to runs/gcs/BUCKET/PATH/NAME/ below the current directory.
+
 Invoking the same command again resumes: finished runs (their final checkpoint exists) are
 skipped, interrupted ones continue from their latest checkpoint, failed ones are listed and run
 again only with --retry (which also resubmits unfinished SLURM runs). --select runs only the runs
@@ -41,7 +45,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from configs import cli
 from configs.grid import informative_keys
+from data import storage
 from launch import common, summary
 
 BACKENDS = ("local", "tpu", "slurm")
@@ -107,7 +113,7 @@ def expand(spec: str, base, common_keys: Sequence[str], root: str, backend: str 
             raise ValueError(f"{sorted(both)} are swept and also set on the command line")
         config = copy.deepcopy(base)
         config.update_from_flattened_dict(dict(overrides))
-        workdir = os.path.join(root, name)
+        workdir = storage.join(root, name)
         flags = common.override_flags(config, [*common_keys, *overrides])
         if backend == "local":
             command = [python, *common.trainer_args(spec, workdir, flags)]
@@ -115,7 +121,7 @@ def expand(spec: str, base, common_keys: Sequence[str], root: str, backend: str 
             extra = _per_run_tpu(backend_flags, index) if backend == "tpu" else list(backend_flags)
             command = [python, "-m", f"launch.{backend}", *common.trainer_flags(spec, workdir, flags), *extra]
         runs.append(Run(name, dict(overrides), workdir, command, common.resolved(config),
-                        int(config.total_steps), os.path.join(workdir, "output.log")))
+                        int(config.total_steps), os.path.join(common.local_dir(workdir), "output.log")))
     return runs
 
 
@@ -138,20 +144,24 @@ def _per_run_tpu(flags: Sequence[str], index: int) -> list[str]:
 # ------------------------------------------------------------------------------- manifest
 
 def read_manifest(root: str) -> dict[str, Any] | None:
-    path = os.path.join(root, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = storage.fresh(root) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_manifest(root: str, spec: str, backend: str, runs: Sequence[Run]) -> None:
-    """Atomically (a reader never sees half a file)."""
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"config": spec, "backend": backend, "runs": [dataclasses.asdict(r) for r in runs]}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Whole or not at all, so that a reader never sees half a file: locally through a temporary
+    file renamed into place; on gs://, which has no rename but replaces an object only once its
+    upload is complete, directly."""
+    directory = storage.path(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"config": spec, "backend": backend, "runs": [dataclasses.asdict(r) for r in runs]},
+                      indent=1)
+    if storage.is_remote(directory):
+        (directory / MANIFEST).write_text(text)
+        return
+    tmp = directory / f"{MANIFEST}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / MANIFEST)
 
 
 def restore_status(runs: Sequence[Run], previous: Mapping[str, Any] | None) -> None:
@@ -226,9 +236,10 @@ def main(argv: Sequence[str]) -> None:
     """Runs (or submits) the sweep's pending runs; argv[1:] (after `--`) goes to the backend launcher."""
     f = flags.FLAGS
     backend, root, dry_run = f.backend, f.root, f.dry_run
-    if backend != "local" and (not os.path.isabs(root) or "://" in root):
-        raise flags.ValidationError(f"--root={root!r}: the {backend} backend needs an absolute path on "
-                                    f"storage the machines share")
+    storage.path(root)  # only local paths and gs:// URLs
+    if backend != "local" and not (storage.is_remote(root) or os.path.isabs(root)):
+        raise flags.ValidationError(f"--root={root!r}: the {backend} backend needs gs://BUCKET/PATH or an "
+                                    f"absolute path on storage the machines share")
     spec = config_flags.get_config_filename(f["config"])
     runs = expand(spec, f.config, list(config_flags.get_override_values(f["config"])), root, backend,
                   argv[1:])
@@ -242,23 +253,26 @@ def main(argv: Sequence[str]) -> None:
         for r in selected:
             print(f"[{r.status}] {r.name}\n  $ {shlex.join(r.command)}")
         return
+    common.check_writable(root, "--root")
     write_manifest(root, spec, backend, runs)
     complete = execute(runs, todo, root, spec, backend, f.parallel)
     print(report(selected))
     if backend == "local" and any(r.status == "finished" for r in runs):
         paths = summary.write(root)
         print("summary: " + ", ".join(paths.values()))
-    print(f"manifest: {os.path.join(root, MANIFEST)}")
+    print(f"manifest: {storage.join(root, MANIFEST)}")
+    print(f"logs: {os.path.join(common.local_dir(root), '*', 'output.log')}")
     sys.exit(0 if complete and all(r.status in ("finished", "submitted") for r in selected) else 1)
 
 
 def define_flags() -> None:
     """The command line: python -m launch.sweep --help."""
-    config_flags.DEFINE_config_file("config", None, "Config file that defines a sweep(), configs/FILE.py or "
-                                    "configs/FILE.py:ARG (ARG goes to sweep()) (required); --config.KEY=VALUE "
-                                    "overrides apply to every run.", lock_config=True)
-    flags.DEFINE_string("root", None, "Sweep directory: ROOT/manifest.json and one workdir ROOT/NAME per run "
-                        "(required; an absolute path on shared storage for the tpu and slurm backends).")
+    cli.define_config_flag("Config file that defines a sweep(), configs/FILE.py or "
+                           "configs/FILE.py:ARG (ARG goes to sweep()) (required); --config.KEY=VALUE "
+                           "overrides apply to every run.")
+    flags.DEFINE_string("root", None, "Sweep directory, a local path or gs://BUCKET/PATH: ROOT/manifest.json and "
+                        "one workdir ROOT/NAME per run (required; for the tpu and slurm backends gs:// or an "
+                        "absolute path on shared storage).")
     flags.DEFINE_enum("backend", "local", BACKENDS, "Where runs go: local (trainers on this machine), tpu "
                       "(launch.tpu, one TPU per run), slurm (launch.slurm, one job per run). Flags after `--` go "
                       "to that launcher.")

@@ -24,9 +24,10 @@ On a GKE cluster with TPU node pools, --xpk_cluster CLUSTER hands the job to xpk
 (`xpk workload create`: an image of this checkout on python:3.11, the trainer in every slice's
 pods, jax.distributed detecting GKE's TPU environment); --stop and --delete delete the workload.
 
-WORKDIR and config.data.root must be absolute paths that every worker sees (a Cloud Storage
-FUSE mount or Filestore): the trainer writes with plain file I/O and each process reads its
-own rows of the data.
+WORKDIR and config.data.root are gs:// URLs (the usual case: the trainer writes checkpoints and
+metrics through data/storage.py and stages a gs:// data root onto each worker once) or absolute
+paths that every worker sees (Filestore, a Cloud Storage FUSE mount); other URL schemes and
+relative paths are refused. A gs:// workdir is checked writable from here before anything starts.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import cli
+from data import storage
 from launch import common
 
 REMOTE = "~/vla"  # on every worker: ship/ (wheel + config), venv/, train.log, train.pid, train.exit
@@ -214,10 +217,13 @@ def remote_trainer(config_spec: str, workdir: str, flags: Sequence[str]) -> list
 
 
 def check_paths(workdir: str, data_root: str) -> None:
+    """Raises ValueError unless both are paths every worker resolves alike: gs:// URLs or absolute
+    paths (a relative one would land in each worker's ~/vla; storage.path refuses other schemes)."""
     for what, path in (("--workdir", workdir), ("config.data.root", data_root)):
-        if "://" in path or not os.path.isabs(path):
-            raise ValueError(f"{what}={path!r}: give an absolute path that every worker sees (a Cloud "
-                             f"Storage FUSE or Filestore mount); the trainer uses plain file I/O")
+        storage.path(path)
+        if not (storage.is_remote(path) or os.path.isabs(path)):
+            raise ValueError(f"{what}={path!r}: give a gs:// URL or an absolute path that every worker "
+                             f"sees (a Filestore or Cloud Storage FUSE mount)")
 
 
 def describe_pod(pod: Pod, mesh: Mapping[str, int], queued: bool = True) -> str:
@@ -322,6 +328,8 @@ def main(argv: Sequence[str]) -> None:
     if config is None or f.workdir is None:
         raise flags.ValidationError("--config and --workdir are required to launch")
     check_paths(f.workdir, config.data.root)
+    if storage.is_remote(f.workdir) and not dry_run:  # a local path is the workers' mount, not ours
+        common.check_writable(f.workdir, "--workdir")
     mesh = common.mesh_overrides(config.mesh, pod.accelerator.devices, pod.slices)
     config.update_from_flattened_dict(mesh)
     keys = [k for k in config_flags.get_override_values(f["config"]) if k not in mesh] + list(mesh)
@@ -345,11 +353,11 @@ def main(argv: Sequence[str]) -> None:
 
 def define_flags() -> None:
     """The command line: python -m launch.tpu --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required to launch, not with --attach, --stop or --delete); override its "
-                                    "values with --config.KEY=VALUE.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory: an absolute path every worker sees, e.g. a Cloud "
-                        "Storage FUSE or Filestore mount (required to launch).")
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required to launch, not with --attach, --stop or --delete); override its "
+                           "values with --config.KEY=VALUE.")
+    flags.DEFINE_string("workdir", None, "The run's directory: gs://BUCKET/PATH, or an absolute path every worker "
+                        "sees, e.g. a Filestore mount (required to launch).")
     flags.DEFINE_string("tpu", None, "Name of the TPU VM (one slice) or queued resource (multislice; its slices "
                         "are NAME-0, NAME-1, ...); with --xpk_cluster, the workload's name (required).")
     flags.DEFINE_string("zone", None, "Google Cloud zone of the TPU, e.g. us-east5-a (required).")

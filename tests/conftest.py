@@ -9,4 +9,4 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-pytest_plugins = ["tests.data_fixtures", "tests.policy_fixtures"]
+pytest_plugins = ["tests.data_fixtures", "tests.policy_fixtures", "tests.gcs_emulator"]

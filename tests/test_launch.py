@@ -1,10 +1,12 @@
-"""Launchers: sweep expansion and names, TPU and SLURM dry runs (golden files), the local
-multi-process launcher (2 processes train like 1), preemption by SIGTERM and resume, and the demo
-knob sweep end to end with its summary.
+"""Launchers: sweep expansion and names, TPU and SLURM dry runs (golden files), gs:// workdirs and
+sweep roots on a GCS API emulator (progress, manifest, summary, local logs, refused schemes), the
+local multi-process launcher (2 processes train like 1), preemption by SIGTERM and resume, and the
+demo knob sweep end to end with its summary.
 
 Regenerate the golden files after an intended change with
     UPDATE_GOLDEN=1 python -m pytest -q tests/test_launch.py -k golden
 """
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 
 import jax
 import numpy as np
@@ -21,7 +25,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import demo, grid
-from launch import common, summary, sweep, tpu
+from data import storage
+from launch import common, local, slurm, summary, sweep, tpu
 from vla import sharding
 
 REPO = common.REPO
@@ -213,11 +218,110 @@ def test_tpu_and_slurm_dry_runs_match_golden_files():
             assert text == f.read(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 rewrites it)"
 
 
-def test_pod_launchers_refuse_paths_workers_cannot_share():
-    with pytest.raises(ValueError, match="every worker sees"):
-        tpu.check_paths("gs://bucket/run", "/data")
+def test_pod_launchers_take_gs_urls_or_absolute_paths_every_worker_sees():
+    tpu.check_paths("gs://bucket/run", "gs://bucket/data")
+    tpu.check_paths("/shared/run", "/shared/data")
+    for url in ("s3://bucket/run", "gs:/bucket/run"):
+        with pytest.raises(ValueError, match="unsupported storage URL"):
+            tpu.check_paths(url, "/data")
     with pytest.raises(ValueError, match="config.data.root"):
         tpu.check_paths("/shared/run", "runs/demo/data")
+
+
+# ------------------------------------------------------------------------------- gs:// workdirs
+
+def _upload(gcs, url: str, data: bytes) -> None:
+    """Writes an object through the emulator's JSON API directly: another client, as a trainer
+    process is to the launcher."""
+    bucket, _, name = url.removeprefix("gs://").partition("/")
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    request = urllib.request.Request(f"{gcs.url}/upload/storage/v1/b/{bucket}/o?{query}", data=data, method="POST")
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+def test_progress_of_a_gs_workdir_counts_committed_checkpoints_seen_fresh(gcs):
+    """On gs:// Orbax writes a step in place and its commit marker last: a step without one is
+    being written. Steps another process commits later are seen although the folder was listed."""
+    workdir = gcs.bucket("progress") + "/run"
+    assert common.latest_step(workdir) is None and not common.is_finished(workdir, 4)
+    storage.path(f"{workdir}/checkpoints/2/{common.COMMIT_FILE}").write_text("ok")
+    assert common.latest_step(workdir) == 2 and not common.is_finished(workdir, 4)
+    _upload(gcs, f"{workdir}/checkpoints/4/state/array", b"\0")
+    assert common.latest_step(workdir) == 2 and not common.is_finished(workdir, 4)
+    _upload(gcs, f"{workdir}/checkpoints/4/{common.COMMIT_FILE}", b"ok")
+    assert common.latest_step(workdir) == 4 and common.is_finished(workdir, 4)
+    assert common.where(workdir, 4, "LOGS") == f"logs: LOGS\ncheckpoints: {workdir}/checkpoints (latest step 4 of 4)"
+
+
+def test_a_gs_sweep_root_holds_manifest_and_workdirs_while_logs_stay_local(gcs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = gcs.bucket("sweep") + "/knobs"
+    runs = sweep.expand(DEMO, demo.get_config(), [], root)
+    here = tmp_path / "runs" / "gcs" / "sweep" / "knobs"
+    for run in runs:
+        assert run.workdir == f"{root}/{run.name}" and run.log == str(here / run.name / "output.log")
+        assert run.command[run.command.index("--workdir") + 1] == run.workdir
+    assert sweep.read_manifest(root) is None
+    runs[2].status, runs[2].returncode = "failed", 1
+    sweep.write_manifest(root, "configs/demo.py", "local", runs)
+    expected = {"config": "configs/demo.py", "backend": "local", "runs": [dataclasses.asdict(r) for r in runs]}
+    assert sweep.read_manifest(root) == expected
+    assert [p.name for p in storage.path(root).iterdir()] == [sweep.MANIFEST]  # written in one go, no .tmp
+    _upload(gcs, f"{runs[1].workdir}/checkpoints/{runs[1].total_steps}/{common.COMMIT_FILE}", b"ok")
+    again = sweep.expand(DEMO, demo.get_config(), [], root)
+    sweep.restore_status(again, sweep.read_manifest(root))
+    assert [r.status for r in again[:4]] == ["pending", "finished", "failed", "pending"]
+    sweep.write_manifest(root, "configs/demo.py", "local", again)
+    assert [r["status"] for r in sweep.read_manifest(root)["runs"][:3]] == ["pending", "finished", "failed"]
+    # The local processes' logs: runs/gcs/BUCKET/PATH below the current directory.
+    assert local.log_dir(f"{root}/run") == str(here / "run" / "logs")
+    assert slurm.script_path(f"{root}/run") == str(here / "run" / "slurm" / "train.sbatch")
+    assert local.log_dir("/shared/run") == "/shared/run/logs" and slurm.log_dir("rel") == str(tmp_path / "rel" / "logs")
+
+
+def test_summary_reads_gs_run_dirs_and_writes_its_files_next_to_them(gcs):
+    root = gcs.bucket("summary") + "/sweep"
+    runs = []
+    for frames, loss in ((1, 0.5), (2, 0.25)):
+        config = demo.get_config()
+        config.update_from_flattened_dict({"knobs.context_frames": frames})
+        workdir = f"{root}/frames={frames}"
+        rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": loss}]
+        storage.path(f"{workdir}/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(sweep.Run(f"frames={frames}", {"knobs.context_frames": frames}, workdir, [],
+                              common.resolved(config), 2, "", status="finished"))
+    sweep.write_manifest(root, "configs/demo.py", "local", runs)
+    paths = summary.write(root)
+    assert paths == {kind: f"{root}/summary.{kind}" for kind in ("csv", "md", "png")}
+    csv_lines = storage.path(paths["csv"]).read_text().splitlines()
+    assert csv_lines[0] == "run,status,step,knobs.context_frames,loss,params,chunk_ms_h100,realtime"
+    assert csv_lines[1].startswith("frames=1,finished,2,1,0.5,")
+    assert csv_lines[2].startswith("frames=2,finished,2,2,0.25,")
+    assert "| frames=2 | finished | 2 | 2 | 0.25 |" in storage.path(paths["md"]).read_text()
+    assert storage.path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launchers_refuse_urls_they_cannot_write_and_route_gs_at_startup(tmp_path):
+    """From the command line, in a scratch directory: a typo'd URL is a one-line usage error
+    before anything starts; a SLURM dry run with a gs:// workdir passes it to the trainer, the
+    script and SLURM's logs going below the current directory; nothing named 'gs:' appears here.
+    (Two launchers only: each start imports JAX. The others take the same checks in-process.)"""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    trainer = ["--config", DEMO, "--config.data.root=/shared/data"]
+    commands = {"local": ["launch.local", *trainer, "--workdir", "gs:/bucket/run"],
+                "slurm": ["launch.slurm", *trainer, "--workdir", "gs://bucket/run", "--dry_run"]}
+    procs = {k: subprocess.Popen([sys.executable, "-m", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for k, argv in commands.items()}
+    out = {k: p.communicate(timeout=TIMEOUT)[0] for k, p in procs.items()}
+    assert {k: p.returncode for k, p in procs.items()} == {"local": 1, "slurm": 0}, out
+    assert "'gs:/bucket/run': unsupported storage URL" in out["local"]
+    here = tmp_path / "runs" / "gcs" / "bucket" / "run"
+    assert f"# {here}/slurm/train.sbatch\n" in out["slurm"] and f"--output={here}/logs/slurm-%j.out" in out["slurm"]
+    assert "--job-name=run" in out["slurm"] and " --workdir gs://bucket/run " in out["slurm"]
+    assert not [p for p in tmp_path.rglob("*") if "gs:" in p.name]
+    for url in ("s3://bucket/sweep", "gs:/bucket/sweep"):  # what launch.sweep and launch.local check first
+        with pytest.raises(ValueError, match="unsupported storage URL"):
+            common.check_writable(url, "--root")
 
 
 # ------------------------------------------------------------------------------- local processes

@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -406,3 +407,43 @@ def test_processes_read_their_rows_of_one_global_batch_sequence(tokenizer):
     workers = _pipeline(config, tokenizer, process_index=1, process_count=2)
     _assert_same(_take(workers, 4), [_rows(b, slice(4, 8)) for b in expected])
     workers.close()
+
+
+def _corrupted_copy(generated_root, tmp_path, whole_file=False):
+    """A copy of the generated data whose robot train shard has 4 KiB of random bytes in the
+    middle (one or two episodes unreadable), or random bytes throughout."""
+    root = tmp_path / "data"
+    shutil.copytree(generated_root, root)
+    (shard,) = (root / "metaworld_rlds").glob("*-train.array_record-*")
+    size = shard.stat().st_size
+    rng = np.random.default_rng(0)
+    with open(shard, "r+b") as f:
+        f.seek(0 if whole_file else size // 2)
+        f.write(rng.integers(0, 256, size if whole_file else 4096, np.uint8).tobytes())
+    config = tiny_config()
+    config.data.root = str(root)
+    config.data.sources = {"metaworld": config.data.sources.metaworld.to_dict()}
+    config.batch_size = 8
+    return config, shard
+
+
+def test_corrupt_shard_region_skips_its_episodes_and_keeps_going(generated_root, tmp_path):
+    config, shard = _corrupted_copy(generated_root, tmp_path)
+    it = pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
+    batches = _take(it, 40)  # ~4 passes over the 4 tiny episodes' windows
+    assert len(batches) == 40 and it.metrics()["data/skipped/metaworld"] > 0
+
+    config.data.strict = True
+    strict = pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
+    with pytest.raises(rlds.CorruptRecordError) as e:
+        _take(strict, 40)
+    message = str(e.value)
+    # Names the dataset, the episode, the file and the underlying reader error.
+    assert "'metaworld_rlds', episode " in message and str(shard) in message
+    assert e.value.cause is not None and str(e.value.cause) in message
+
+
+def test_wholly_unreadable_source_fails_at_startup(generated_root, tmp_path):
+    config, _ = _corrupted_copy(generated_root, tmp_path, whole_file=True)
+    with pytest.raises(ValueError, match="source 'metaworld': no readable data"):
+        pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)

@@ -1,5 +1,5 @@
 """The policy server over real websockets: msgpack-numpy wire format, valid and malformed
-requests, tokens, and the CLI; the policy is the real bundle of tests/policy_fixtures.py."""
+requests, tokens (never on a command line), and the CLIs; the policy is the real bundle of tests/policy_fixtures.py."""
 import os
 import re
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import connect
 
 from vla import msgpack_numpy
-from vla.client import PolicyClient, PolicyServerError, blank_observation
+from vla.client import TOKEN_ENV, PolicyClient, PolicyServerError, blank_observation, read_token
 from vla.policy import Policy
 from vla.serve import PolicyServer
 
@@ -151,20 +151,80 @@ def test_token_is_required_and_checked(server):
         assert response.status == 200  # no token needed to ask whether it is up
 
 
-def test_cli_serves_a_bundle_with_the_token_from_the_environment(bundle_dir):
-    env = {**os.environ, "VLA_SERVE_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "vla.serve", "--bundle", bundle_dir, "--port", "0"],
-                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+# ------------------------------------------------------------------------------- the token off the command line
+
+def _token_file(tmp_path, text: str = TOKEN + "\n", mode: int = 0o600) -> str:
+    path = tmp_path / "token"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def _env(**extra: str) -> dict:
+    """The test's environment without a VLA_SERVE_TOKEN of its own."""
+    return {**{k: v for k, v in os.environ.items() if k != TOKEN_ENV}, **extra}
+
+
+def test_read_token_from_a_file_or_the_environment(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment")
+    assert read_token() == "from-the-environment"
+    assert read_token(_token_file(tmp_path)) == TOKEN  # the file wins; its newline is dropped
+    monkeypatch.delenv(TOKEN_ENV)
+    assert read_token() is None
+    assert not caplog.records
+    assert read_token(_token_file(tmp_path, mode=0o644)) == TOKEN
+    assert "readable by group or others" in caplog.text
+
+
+@pytest.mark.parametrize("make_path, match", [
+    (lambda d: str(d / "missing"), "cannot read"),
+    (lambda d: str(d), "cannot read"),  # a directory
+    (lambda d: _token_file(d, ""), "is empty"),
+    (lambda d: _token_file(d, " \n"), "is empty"),
+    (lambda d: _token_file(d, "a\nb\n"), "several lines"),
+])
+def test_read_token_refuses_a_bad_file_naming_it(tmp_path, make_path, match):
+    path = make_path(tmp_path)
+    with pytest.raises(ValueError, match=match) as error:
+        read_token(path)
+    assert path in str(error.value)
+
+
+@pytest.mark.parametrize("module, args", [("vla.serve", ["--bundle", "no-such-bundle"]), ("vla.client", [])])
+def test_clis_have_no_token_flag(module, args):
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--token", TOKEN], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Unknown command line flag 'token'" in proc.stderr
+
+
+def test_client_cli_takes_the_token_from_a_file_or_the_environment(server, tmp_path):
+    command = [sys.executable, "-m", "vla.client", "--port", str(server.port), "--n", "2"]
+    run = lambda extra, env: subprocess.run(command + extra, cwd=REPO, env=env, capture_output=True, text=True,
+                                            timeout=120)
+    for extra, env in (["--token_file", _token_file(tmp_path)], _env()), ([], _env(**{TOKEN_ENV: TOKEN})):
+        proc = run(extra, env)
+        assert proc.returncode == 0 and "2 round trips" in proc.stdout, proc.stderr
+    refused = run([], _env())
+    assert refused.returncode != 0 and "HTTP 401" in refused.stderr
+
+
+def test_cli_serves_a_bundle_with_the_token_from_a_file_never_on_its_command_line(bundle_dir, tmp_path):
+    token_file = _token_file(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "vla.serve", "--bundle", bundle_dir, "--port", "0",
+                             "--token_file", token_file], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
-        deadline, port = time.time() + 120, None
+        deadline, port, log = time.time() + 120, None, ""
         while port is None and time.time() < deadline:
             line = proc.stderr.readline()
             assert line or proc.poll() is None, "server exited before serving"
+            log += line
             if match := re.search(r"serving policy on ws://127\.0\.0\.1:(\d+)", line):
                 port = int(match.group(1))
-        with pytest.raises(urllib.error.HTTPError) as refused:  # the token came from the environment
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
-        assert refused.value.code == 401
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:  # what `ps` shows every user of the machine
+            cmdline = fh.read()
+        assert token_file.encode() in cmdline and TOKEN.encode() not in cmdline and TOKEN not in log
+        with pytest.raises(PolicyServerError, match="HTTP 401"):  # the token came from the file
+            PolicyClient("127.0.0.1", port)
         with PolicyClient("127.0.0.1", port, token=TOKEN) as client:
             assert client.infer(blank_observation(client.metadata))["actions"].ndim == 2
     finally:

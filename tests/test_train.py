@@ -1,7 +1,11 @@
 """The trainer on the tiny generated dataset: outputs, config errors, optimizer pieces, NaN stop."""
+import contextlib
+import io
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -45,15 +49,30 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def crashing_hook(step, model):
+    """An evaluation hook that dies (a simulator crashing mid-evaluation)."""
+    raise RuntimeError("simulator crashed")
+
+
 @pytest.fixture(scope="module")
 def trained(generated_root, tmp_path_factory):
+    """A 4-step run whose final evaluation has a crashing hook; what it printed (the progress
+    bar on stderr, absl's log) is kept."""
     workdir = str(tmp_path_factory.mktemp("train"))
-    final = train_lib.train(train_lib.prepare(small_config(generated_root), workdir))
-    return workdir, final
+    stderr = io.StringIO()
+    log = logging.StreamHandler(stderr)
+    logging.getLogger("absl").addHandler(log)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            final = train_lib.train(train_lib.prepare(small_config(generated_root), workdir),
+                                    eval_hooks=[crashing_hook])
+    finally:
+        logging.getLogger("absl").removeHandler(log)
+    return workdir, final, stderr.getvalue()
 
 
 def test_run_writes_config_metrics_plot_and_checkpoints(trained):
-    workdir, final = trained
+    workdir, final, _ = trained
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["batch_size"] == 8
     rows = [r for r in read_metrics(workdir) if "loss" in r]
@@ -71,8 +90,26 @@ def test_run_writes_config_metrics_plot_and_checkpoints(trained):
         assert np.isfinite(final[key]), key
 
 
+def test_evaluation_failure_is_counted_and_never_costs_the_final_checkpoint(trained):
+    """The final evaluation's hook crashed: the run still finished, saved step 4 (saving comes
+    first) and reported the held-out metrics beside one counted failure."""
+    workdir, final, stderr = trained
+    assert final["eval/failures"] == 1
+    assert "evaluation hook crashing_hook failed (RuntimeError: simulator crashed)" in stderr
+    assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_progress_bar_shows_the_loss_of_the_step_it_shows(trained):
+    workdir, _, stderr = trained
+    losses = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+    drawn = re.findall(r"(\d+)/4 \[[^\]]*loss=([\d.]+)\]", stderr)
+    assert drawn
+    for step, loss in drawn:
+        assert loss == f"{losses[int(step)]:.4f}", (step, loss)
+
+
 def test_checkpoint_metadata_carries_config_stats_and_tokenizer(trained):
-    workdir, _ = trained
+    workdir, _, _ = trained
     with open(os.path.join(workdir, "checkpoints", "4", "metadata", "metadata")) as f:
         meta = json.load(f)
     assert meta["config"]["total_steps"] == 4
@@ -82,12 +119,28 @@ def test_checkpoint_metadata_carries_config_stats_and_tokenizer(trained):
 
 
 def test_rerun_of_finished_workdir_resumes_at_the_end(trained, generated_root):
-    workdir, _ = trained
+    workdir, _, _ = trained
     before = read_metrics(workdir)
     train_lib.train(train_lib.prepare(small_config(generated_root), workdir))
     after = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in after] == [1, 2, 3, 4]
     assert [r["loss"] for r in after] == [r["loss"] for r in before if "loss" in r]
+
+
+def test_checkpoint_of_another_model_size_is_refused_in_words_before_touching_the_workdir(
+        trained, generated_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config_json = f.read()
+    with pytest.raises(ValueError) as info:
+        train_lib.prepare(small_config(generated_root, **{"knobs.vit": "mu/8"}), workdir)
+    message = str(info.value)
+    assert "(step 4) came from another model config" in message
+    assert re.search(r"vit/\S+: \[[\d, ]+\] in the checkpoint, \[[\d, ]+\] in this config", message)
+    assert "knobs.vit: 'tiny/8' there, 'mu/8' here" in message
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == config_json  # still describes the checkpoints
 
 
 def test_inconsistent_knobs_fail_before_anything_runs(tmp_path):
@@ -188,7 +241,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 def test_init_from_loads_parameters_and_accumulation_runs(trained, generated_root, tmp_path):
     """A run started from another's parameters (π0.5 stage 2), with two microbatches per step."""
-    source, _ = trained
+    source, _, _ = trained
     c = small_config(generated_root, total_steps=1, eval_batches=0, init_from=source, batch_size=16,
                      **{"optimizer.lr": 0.0,  # a zero step: the parameters stay as loaded
                         "optimizer.grad_accum_steps": 2})

@@ -14,9 +14,8 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from configs import specs
+from configs import cli, specs
 from data import pipeline
 from data.spec import DataSpec
 
@@ -61,8 +60,8 @@ def main(argv):
 
 def define_flags() -> None:
     """The command line: python -m tools.bench_data --help."""
-    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    cli.define_config_flag("Config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.", lock_config=False)
     flags.DEFINE_string("data_root", None, "Data root holding the config's sources (default: config.data.root).")
     flags.DEFINE_list("workers", ["0", "1", "2"], "Comma-separated reader worker counts to compare, one row each "
                       "(0: read ahead in a thread of this process).")

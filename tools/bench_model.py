@@ -26,9 +26,8 @@ import numpy as np
 import optax
 from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
-from configs import specs
+from configs import cli, specs
 from vla.models.vla import VLA, random_batch
 
 
@@ -116,8 +115,8 @@ def main(argv):
 
 def define_flags() -> None:
     """The command line: python -m tools.bench_model --help."""
-    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    cli.define_config_flag("Config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.", lock_config=False)
     flags.DEFINE_integer("batch_size", None, "Batch size of the timed train step (default: config.batch_size); "
                          "sampling is timed at batch 1.")
     flags.DEFINE_integer("steps", 3, "Timed train steps (after one untimed warmup step).")

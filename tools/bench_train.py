@@ -17,7 +17,6 @@ CPU timings swing with load.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,8 +27,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
+from configs import cli
 from vla import sharding
 from vla import train as train_lib
 
@@ -60,7 +59,6 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 30, warmup: int = 
 
 
 def _benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, saves: int, workdir: str) -> dict[str, Any]:
-    os.makedirs(workdir, exist_ok=True)
     rows: dict[str, tuple[float, float]] = {}
     start = _clock()
     run = train_lib.prepare(config, workdir)
@@ -164,8 +162,8 @@ def main(argv) -> None:
 
 def define_flags() -> None:
     """The command line: python -m tools.bench_train --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.")
     flags.DEFINE_integer("steps", 30, "Timed train steps (after the warmup steps and the compile).")
     flags.DEFINE_integer("warmup", 3, "Untimed train steps after the compile.")
     flags.DEFINE_integer("saves", 2, "Checkpoint saves timed (one train step between them; 0 times none).")

@@ -19,6 +19,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from configs import specs
+from data import storage
 from vla import bundle as bundle_lib
 from vla import sim_eval
 from vla.policy import Policy
@@ -26,7 +27,7 @@ from vla.rtc import MODES
 
 
 def default_out(bundle: str) -> str:
-    return os.path.abspath(bundle).rstrip(os.sep) + "-eval"
+    return os.fspath(storage.path(bundle)).rstrip("/") + "-eval"
 
 
 def run(bundle: str, tasks: str = "", out: str | None = None, **kwargs: Any) -> dict[str, Any]:

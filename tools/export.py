@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         bundle.export(f.workdir, f.out, step=f.step, dtype=f.dtype, batch_size=f.batch_size,
                       overwrite=f.overwrite, platforms=platforms, progress=lambda line: print(line, flush=True))
-    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing run, an existing or unwritable --out, a bad step
         raise SystemExit(f"export failed: {e}") from e
 
 

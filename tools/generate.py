@@ -6,18 +6,20 @@
 
 Writes Meta-World expert episodes (RLDS, with the subtask of every step), scene vision-language
 examples, narrated video clips, the SentencePiece tokenizer, normalization statistics and, when
-config.data.fast_targets (configs/pi05.py), the FAST action tokenizer under --out.
+config.data.fast_targets (configs/pi05.py), the FAST action tokenizer under --out. A gs:// --out
+is generated in a local temporary folder and uploaded when complete.
 """
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from configs import specs
-from data import fast_targets
+from configs import cli, specs
+from data import fast_targets, storage
 from data.generation import Settings, generate
 from data.tokenizer import train_sentencepiece
 from tools.stats import compute_stats
@@ -53,8 +55,21 @@ def main(argv: list[str]) -> None:
     settings = Settings(gen.cameras, gen.image_size,
                         scene_frames_per_episode=f.scene_frames_per_episode,
                         clip_frames=f.clip_frames, clip_stride=f.clip_stride)
+    remote = out if storage.is_remote(out) else None
+    if remote:  # TFDS and ArrayRecord write local files: generated here, then uploaded
+        target = storage.check_writable(remote)
+        if any(target.iterdir()) and not f.overwrite:
+            raise FileExistsError(f"{remote} is not empty; pass --overwrite to replace it")
+        out = tempfile.mkdtemp(prefix="generate-")
     summary = generate(gen, out, f.processes, f.overwrite, settings, f.video_rollouts_per_task)
     postprocess(out, spec, summary["texts"], tokenizer=not f.skip_tokenizer, stats=not f.skip_stats)
+    if remote:
+        print(f"uploading to {remote}", flush=True)
+        if target.exists():
+            target.rmtree()
+        storage.copy_tree(out, remote)
+        shutil.rmtree(out)
+        out = remote
     per_task = ", ".join(f"{t} {summary['kept'].get(t, 0)} kept/{summary['dropped'].get(t, 0)} "
                          f"dropped" for t in gen.tasks)
     print(f"generated in {time.time() - start:.0f} s: {per_task}; "
@@ -64,9 +79,9 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
     """The command line: python -m tools.generate --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE, e.g. "
-                                    "--config.data.episodes_per_task=N.", lock_config=True)
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE, e.g. "
+                           "--config.data.episodes_per_task=N.")
     flags.DEFINE_string("out", None, "Output directory, config.data.root by convention (required).")
     flags.DEFINE_integer("processes", os.cpu_count(), "Rollout worker processes (default: this machine's CPU "
                          "count).")

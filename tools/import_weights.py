@@ -13,9 +13,9 @@ that start from PaliGemma can call vla.models.paligemma_io.import_paligemma(mode
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from configs import specs
+from configs import cli, specs
+from data import storage
 from vla.models.paligemma_io import FORMATS, import_to_directory
 
 
@@ -24,7 +24,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     spec = specs.build(f.config)
-    report = import_to_directory(spec.model, spec.train.seed, f.src, f.format, f.out,
+    report = import_to_directory(spec.model, spec.train.seed, f.src, f.format, storage.path(f.out),
                                  truncate_vocab=f.truncate_vocab)
     print(f"imported {len(report['imported'])} parameters from {report['source']} ({report['format']}); "
           f"{len(report['kept'])} kept as initialized -> {f.out}")
@@ -32,9 +32,8 @@ def main(argv):
 
 def define_flags() -> None:
     """The command line: python -m tools.import_weights --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config whose model the weights go into, configs/FILE.py "
-                                    "or configs/FILE.py:ARG (required); its seed initializes the rest.",
-                                    lock_config=False)
+    cli.define_config_flag("Run config whose model the weights go into, configs/FILE.py "
+                           "or configs/FILE.py:ARG (required); its seed initializes the rest.", lock_config=False)
     flags.DEFINE_enum("format", None, FORMATS, "Layout of the source checkpoint: big_vision (.npz) or hf "
                       "(transformers' safetensors) (required).")
     flags.DEFINE_string("src", None, "Source checkpoint: a big_vision .npz, or a safetensors file or directory "

@@ -3,18 +3,19 @@ tokenizer) for every robot source of a config; the statistics core is data/stats
 
     python -m tools.stats --config configs/demo.py [--data_root DIR] [--workers N]
 
-Writes <data_root>/<source path>/stats.json (see data/stats.py for contents and accuracy) and
+A gs:// data root is computed on a local copy (data/storage.stage) and the results are
+written back into it. Writes <data_root>/<source path>/stats.json (see data/stats.py for contents and accuracy) and
 <data_root>/<source path>/fast/h{H}_{hz}hz/ with meta.json holding fast_report (see
 data/fast_targets.py).
 """
 import dataclasses
 import json
+import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from configs import specs
-from data import fast_targets, rlds, stats
+from configs import cli, specs
+from data import fast_targets, rlds, stats, storage
 from data.spec import DataSpec
 
 
@@ -41,6 +42,9 @@ def main(argv):
     data = specs.build(f.config).data
     if f.data_root:
         data = dataclasses.replace(data, root=f.data_root)
+    remote = data.root if storage.is_remote(data.root or "") else None
+    if remote:  # computed on a local copy, the results written back beside the data
+        data = dataclasses.replace(data, root=storage.stage(remote))
     result = compute_stats(data, workers=f.workers)
     for name, s in result.items():
         print(f"{name}: {s['num_episodes']} episodes, {s['num_steps']} steps")
@@ -51,12 +55,18 @@ def main(argv):
             print(f"{name}: FAST fit on {meta['fit_chunks']} chunks of horizon {meta['horizon']} "
                   f"at {meta['control_hz']:g} Hz, vocab {meta['vocab_size']}; fast_report on "
                   f"{meta['report_on']}: " + json.dumps(meta["report"]))
+    if remote:
+        for source in data.robot_sources:
+            for name in (stats.STATS_FILE, fast_targets.FAST_DIR):
+                local = os.path.join(data.dataset_dir(source), name)
+                if os.path.exists(local):
+                    storage.copy_tree(local, storage.join(remote, source.path, name))
 
 
 def define_flags() -> None:
     """The command line: python -m tools.stats --help."""
-    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    cli.define_config_flag("Config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.", lock_config=False)
     flags.DEFINE_string("data_root", None, "Data root holding the config's sources; the results are written there "
                         "too (default: config.data.root).")
     flags.DEFINE_integer("workers", None, "Reader processes (default: config.data.workers).")

@@ -14,9 +14,9 @@ from typing import Any
 
 from absl import app, flags
 from matplotlib.figure import Figure
-from ml_collections import config_flags
 
-from configs import specs
+from configs import cli, specs
+from data import storage
 from vla import cost
 
 
@@ -134,7 +134,8 @@ def plot_sweep(key: str, values: list, reports: list[dict[str, Any]], path: str)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def main(argv):
@@ -160,8 +161,8 @@ def main(argv):
 
 def define_flags() -> None:
     """The command line: python -m tools.tradeoffs --help."""
-    config_flags.DEFINE_config_file("config", None, "Config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=False)
+    cli.define_config_flag("Config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.", lock_config=False)
     flags.DEFINE_bool("json", False, "Print a machine-readable JSON dict instead of a table.")
     flags.DEFINE_enum("chip", "h100", sorted(cost.CHIPS) + ["cpu"], "Chip for the latency roofline (cpu: this "
                       "machine, with a measured matmul rate).")

@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import specs as specs_lib
-from data import fast_targets, rlds
+from data import fast_targets, rlds, storage
 from data.layout import Layout
 from data.spec import DataSpec
 from vla.checkpoint import restore_state_entry
@@ -194,10 +195,10 @@ class _RunCheckpoints:
     """Read-only view of a training run's checkpoints: steps, metadata, one device's parameters."""
 
     def __init__(self, workdir: str):
-        if not os.path.isdir(workdir):
+        if not storage.path(workdir).is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
-        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        if not os.path.isdir(directory):
+        directory = storage.path(workdir) / "checkpoints"
+        if not directory.is_dir():
             raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: not a training run, "
                                     f"or it never saved")
         self._mngr = ocp.CheckpointManager(
@@ -265,13 +266,12 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
+    destination = storage.path(out)
+    out = os.fspath(destination)
+    if destination.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write into {parent}")
+    remote = storage.is_remote(out)
+    storage.check_writable(destination.parent)
 
     run = _RunCheckpoints(workdir)
     try:
@@ -291,7 +291,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     finally:
         run.close()
 
-    staging = f"{out}.tmp-{os.getpid()}"  # beside `out`, so the final move is a rename
+    # Written complete beside `out`, then renamed into place; a gs:// bundle is written locally
+    # and uploaded, its metadata last: a bundle without metadata.json is refused as incomplete.
+    staging = tempfile.mkdtemp(prefix="bundle-") if remote else f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
@@ -310,16 +312,21 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         metadata = dict(
-            description, step=step, workdir=os.path.abspath(workdir), weights=key, dtype=dtype,
+            description, step=step, workdir=os.fspath(storage.path(workdir)), weights=key, dtype=dtype,
             compute_dtype=spec.model.compute_dtype, code_version=code_version(),
             sources=list(ckpt_metadata["sources"]),
             mixture={s.name: s.weight for s in spec.data.sources},
             batch_size=batch_size, platforms=list(platforms), signature=sig)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        if destination.exists():
+            destination.rmtree()
+        if remote:
+            for name in sorted(os.listdir(staging), key=lambda n: n == METADATA_FILE):
+                storage.copy_tree(os.path.join(staging, name), destination / name)
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -345,11 +352,10 @@ def _copy_data_files(data: DataSpec, ckpt_metadata: dict, description: dict, out
 # ------------------------------------------------------------------------------- reading a bundle
 
 def read_json(bundle: str, name: str) -> dict:
-    path = os.path.join(bundle, name)
-    if not os.path.isfile(path):
+    path = storage.path(bundle) / name
+    if not path.is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle: it has no {name}")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_config(bundle: str) -> ml_collections.ConfigDict:
@@ -358,8 +364,8 @@ def read_config(bundle: str) -> ml_collections.ConfigDict:
 
 def read_params(bundle: str, device: jax.Device | None = None) -> Params:
     """The bundle's parameters on one device (default: the first), as the exported function takes them."""
-    path = os.path.join(os.path.abspath(bundle), PARAMS_DIR)
-    if not os.path.isdir(path):
+    path = storage.path(bundle) / PARAMS_DIR
+    if not path.is_dir():
         raise FileNotFoundError(f"{bundle} is not a bundle: it has no {PARAMS_DIR}/")
     checkpointer = ocp.PyTreeCheckpointer()
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
@@ -370,8 +376,7 @@ def read_params(bundle: str, device: jax.Device | None = None) -> Params:
 
 
 def read_exported(bundle: str) -> jax.export.Exported:
-    path = os.path.join(bundle, EXPORT_FILE)
-    if not os.path.isfile(path):
+    path = storage.path(bundle) / EXPORT_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle: it has no {EXPORT_FILE}")
-    with open(path, "rb") as f:
-        return jax.export.deserialize(bytearray(f.read()))
+    return jax.export.deserialize(bytearray(path.read_bytes()))

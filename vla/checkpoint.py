@@ -5,18 +5,21 @@
                               /metadata   resolved config, source names, tokenizer, norm stats
 
 Saves are asynchronous (the arrays are copied to host before `save` returns, then written in the
-background) and atomic: a step directory appears only once complete, so a run killed mid-save
-resumes from the previous one. Restoring takes an abstract target whose leaves carry the
-shardings wanted now, so a checkpoint written on one mesh restores exactly onto another.
+background) and atomic: a step counts only once complete (locally a temporary directory renamed;
+on gs://, where a rename is no atomic operation, Orbax's commit marker), so a run killed mid-save
+resumes from the previous one. The directory may be a gs:// URL (data/storage.py). Restoring
+takes an abstract target whose leaves carry the shardings wanted now, so a checkpoint written
+on one mesh restores exactly onto another.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from data import storage
 
 
 class Checkpointer:
@@ -29,7 +32,7 @@ class Checkpointer:
         arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
         registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
         self._mngr = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            storage.path(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                                  create=True),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
@@ -59,6 +62,23 @@ class Checkpointer:
         restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["metadata"]
 
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The resolved config `step` was trained with (from its metadata; nothing else is read)."""
+        restored = self._mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        return restored["metadata"].get("config", {})
+
+    def shape_mismatches(self, step: int, key: str, target: Any) -> list[str]:
+        """How state[key] of `step` (e.g. "params") differs from target in structure or shape,
+        one line per parameter, read from the checkpoint's metadata only; [] when it restores.
+        Dtypes may differ: restoring casts."""
+        saved = _shapes(self._mngr.item_metadata(step)["state"][key])
+        wanted = _shapes(target)
+        lines = [f"{name}: {list(saved[name])} in the checkpoint, {list(shape)} in this config"
+                 for name, shape in wanted.items() if name in saved and saved[name] != shape]
+        lines += [f"{name}: not in the checkpoint" for name in wanted if name not in saved]
+        lines += [f"{name}: in the checkpoint only" for name in saved if name not in wanted]
+        return lines
+
     def restore_params(self, step: int, target: Any) -> Any:
         """Only the parameters of `step` (to start another run from them), onto target's shardings."""
         return restore_state_entry(self._mngr, step, "params", target)
@@ -83,6 +103,14 @@ def restore_state_entry(mngr: ocp.CheckpointManager, step: int, key: str, target
         {key: target}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(target)},
         partial_restore=True)))
     return restored["state"][key]
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'a/b/c' path -> shape of every array (or array metadata) leaf."""
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def abstract_like(tree: Any) -> Any:

@@ -11,10 +11,15 @@ usable. infer() is one send and one receive, so timing it measures the round tri
 
 Round-trip latency against a running server, with blank observations built from its metadata:
 
-    python -m vla.client [--host 127.0.0.1] [--port 8000] [--token T] [--n 100]
+    python -m vla.client [--host 127.0.0.1] [--port 8000] [--token_file PATH] [--n 100]
+
+The command lines take no token, only a file holding one (or $VLA_SERVE_TOKEN): a command line is
+visible to every user of the machine (ps, /proc/PID/cmdline). read_token is how both CLIs get it.
 """
 import contextlib
+import logging
 import os
+import stat
 import time
 from typing import Any, Self
 
@@ -24,6 +29,37 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from vla import msgpack_numpy
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "VLA_SERVE_TOKEN"
+
+
+def read_token(token_file: str | None = None) -> str | None:
+    """The shared token: token_file's contents if given, else $VLA_SERVE_TOKEN, else None (no token).
+
+    Surrounding whitespace (the file's trailing newline) is dropped, as HTTP drops it from the
+    Authorization header, so a token keeping it could never match. A missing, unreadable or empty
+    file, or one of several lines, raises ValueError naming it: serving without the token meant, or
+    with one no client can send, would fail later and less clearly. A file that group or others
+    may read is only warned about, since it still keeps the token off the command line.
+    """
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        with open(token_file, encoding="utf-8") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the token file {token_file}: {e}") from e
+    if not token:
+        raise ValueError(f"the token file {token_file} is empty")
+    if "\n" in token or "\r" in token:
+        raise ValueError(f"the token file {token_file} holds several lines; it must hold the token alone")
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("the token file %s is readable by group or others (%s); chmod 600 it", token_file,
+                    stat.filemode(mode))
+    return token
 
 
 class PolicyServerError(RuntimeError):
@@ -93,7 +129,11 @@ def main(argv: list[str]) -> None:
     """Times round trips to a running server and prints median, p99 and max milliseconds."""
     del argv
     f = flags.FLAGS
-    with PolicyClient(f.host, f.port, f.token) as client:
+    try:
+        token = read_token(f.token_file)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    with PolicyClient(f.host, f.port, token) as client:
         ms = round_trips_ms(client, f.n)
     p50, p99 = np.percentile(ms, [50, 99])
     print(f"{f.n} round trips to {client.uri}: median {p50:.2f} ms, p99 {p99:.2f} ms, max {ms.max():.2f} ms")
@@ -103,8 +143,8 @@ def define_flags() -> None:
     """The command line: python -m vla.client --help."""
     flags.DEFINE_string("host", "127.0.0.1", "Address (host name or IP) of the policy server.")
     flags.DEFINE_integer("port", 8000, "TCP port of the policy server.")
-    flags.DEFINE_string("token", os.environ.get("VLA_SERVE_TOKEN"), "Shared token, if the server wants one "
-                        "(default: $VLA_SERVE_TOKEN).")
+    flags.DEFINE_string("token_file", None, "File holding the shared token, if the server wants one (default: "
+                        f"${TOKEN_ENV}). There is no token flag: command lines are visible to every user.")
     flags.DEFINE_integer("n", 100, "Number of timed requests (after one untimed warm-up request).")
 
 

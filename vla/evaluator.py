@@ -4,6 +4,10 @@ and the hooks (closed-loop success rates, vla/sim_eval.py) that run at the same 
 The action error is the mean |sampled chunk - true chunk| over action_mask after undoing each
 source's normalization; the baseline predicts the dataset's mean action everywhere. The
 held-out iterator restarts every time, so every evaluation sees the same batches.
+
+An evaluation never stops training: the held-out pass and each hook run on their own, and one
+that raises is logged (with its traceback) and counted in eval/failures (this process's total
+so far), while the others still report.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -43,6 +48,7 @@ class Evaluator:
         self._batch_sharding = sharding.batch_sharding(mesh, rules)
         self._tables = jax.device_put(_native_tables(action_dim, heldout), self._replicated)
         self._step = jax.jit(self._eval_step, out_shardings=self._replicated)
+        self.failures = 0
 
     def _eval_step(self, params, batch, tables, index):
         model = nnx.merge(self._graphdef, params)
@@ -64,6 +70,26 @@ class Evaluator:
         return out
 
     def __call__(self, step: int, params: Any) -> dict[str, float]:
+        metrics = self._guarded(step, "held-out evaluation", lambda: self._heldout(params))
+        model = nnx.merge(self._graphdef, params)
+        for hook in self._hooks:
+            name = getattr(hook, "__name__", type(hook).__name__)
+            out = self._guarded(step, f"evaluation hook {name}", lambda h=hook: h(step, model))
+            metrics.update({f"eval/{k}": v for k, v in out.items()})
+        metrics["eval/failures"] = float(self.failures)
+        return metrics
+
+    def _guarded(self, step: int, what: str, run: Callable[[], Mapping[str, float]]) -> dict[str, float]:
+        """run()'s metrics, or none (logged and counted) if it raises."""
+        try:
+            return dict(run())
+        except Exception as e:  # noqa: BLE001 - whatever breaks an evaluation, training goes on
+            self.failures += 1
+            logging.warning("step %d: %s failed (%s: %s); training continues", step, what,
+                            type(e).__name__, e, exc_info=True)
+            return {}
+
+    def _heldout(self, params: Any) -> dict[str, float]:
         self._data.set_state(self._start)
         totals = None
         for i in range(self._batches):
@@ -79,9 +105,8 @@ class Evaluator:
             if t["action_count"][i]:
                 metrics[f"eval/action_mae/{name}"] = t["action_err"][i] / t["action_count"][i]
                 metrics[f"eval/mean_action_mae/{name}"] = t["mean_action_err"][i] / t["action_count"][i]
-        model = nnx.merge(self._graphdef, params)
-        for hook in self._hooks:
-            metrics.update({f"eval/{k}": v for k, v in hook(step, model).items()})
+        # Unreadable held-out data skipped in this pass (the counts restart with the iterator).
+        metrics.update({f"eval/{k}": float(v) for k, v in self._data.metrics().items()})
         return metrics
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from configs import specs as specs_lib
-from data import fast_targets, normalize
+from data import fast_targets, normalize, storage
 from data import prompt as prompt_lib
 from data.tokenizer import Tokenizer
 from data.windows import pad_state
@@ -90,8 +90,10 @@ class Policy:
     @classmethod
     def from_bundle(cls, path: str, *, source: str | None = None, device: jax.Device | None = None,
                     seed: int = 0, warmup: bool = True) -> Policy:
-        """A bundle written by tools.export, on one device (default: the first).
-        source: another robot source of the run whose normalization to use."""
+        """A bundle written by tools.export, on one device (default: the first); a gs:// bundle
+        is read from a local copy. source: another robot source of the run whose normalization
+        to use."""
+        path = storage.stage(path)  # SentencePiece and the FAST tokenizer read local files
         spec = specs_lib.build(bundle_lib.read_config(path))
         metadata = bundle_lib.read_json(path, bundle_lib.METADATA_FILE)
         if source is not None and source != metadata["source"]:

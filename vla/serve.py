@@ -1,6 +1,6 @@
 """Policy server: a bundle's Policy behind a websocket, msgpack-numpy messages (docs/policy_protocol.md).
 
-    python -m vla.serve --bundle BUNDLE [--host 127.0.0.1] [--port 8000] [--token TOKEN]
+    python -m vla.serve --bundle BUNDLE [--host 127.0.0.1] [--port 8000] [--token_file PATH]
 
 On connect the server sends the policy metadata; then every binary message is one request
 (an observation, see check_request) and gets exactly one reply: the policy's output plus
@@ -8,7 +8,8 @@ On connect the server sends the policy metadata; then every binary message is on
 connection or stops the server. Inference is serialized (one model) and runs off the event loop,
 so other clients still connect and get their handshake while a request is being served.
 
-The token (--token or $VLA_SERVE_TOKEN) is checked during the websocket handshake; a client
+The token (the contents of --token_file, or $VLA_SERVE_TOKEN; never a flag, since a command line
+is visible to every user of the machine) is checked during the websocket handshake; a client
 without it, or with another one, is refused with HTTP 401. GET /healthz answers 200 "OK"
 without a token. The server binds 127.0.0.1 unless --host says otherwise.
 
@@ -18,7 +19,6 @@ import asyncio
 import hmac
 import http
 import logging
-import os
 import threading
 import time
 from typing import Any, Self
@@ -30,6 +30,7 @@ from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from vla import msgpack_numpy
+from vla.client import TOKEN_ENV, read_token
 from vla.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ PROTOCOL_VERSION = 1
 # Several cameras of history frames at full resolution stay far below this; it bounds what an
 # unauthenticated or broken client can make the server buffer.
 MAX_MESSAGE_BYTES = 64 * 2**20
-TOKEN_ENV = "VLA_SERVE_TOKEN"
 OBSERVATION_KEYS = ("images", "state", "prompt")
 OPTION_KEYS = ("rng_seed", "prefix_actions", "inference_delay")
 
@@ -220,13 +220,16 @@ def main(argv: list[str]) -> None:
     """Loads the bundle's Policy and serves it until interrupted."""
     del argv
     f = flags.FLAGS
+    try:
+        token = read_token(f.token_file)  # before the bundle: a bad token file fails in a second, not a minute
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     start = time.perf_counter()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every file it reads at INFO
     policy = Policy.from_bundle(f.bundle, warmup=True)
     absl_logging.set_verbosity(absl_logging.INFO)  # the address, metadata, clients, refusals
     log.info("loaded %s in %.1f s (%.1f s of it compiling)", f.bundle, time.perf_counter() - start,
              policy.warmup_s)
-    token = f.token or os.environ.get(TOKEN_ENV) or None
     PolicyServer(policy, f.host, f.port, token).serve_forever()
 
 
@@ -236,8 +239,9 @@ def define_flags() -> None:
     flags.DEFINE_string("host", "127.0.0.1", "Network interface to bind: 127.0.0.1 serves this machine only, "
                         "0.0.0.0 every interface.")
     flags.DEFINE_integer("port", 8000, "TCP port to listen on (0 picks a free one, logged at start).")
-    flags.DEFINE_string("token", None, "Shared token clients must send in the handshake; clients without it get "
-                        f"HTTP 401 (default: ${TOKEN_ENV}; neither set: no token needed).")
+    flags.DEFINE_string("token_file", None, "File holding the shared token clients must send in the handshake; "
+                        f"clients without it get HTTP 401 (default: ${TOKEN_ENV}; neither set: no token needed). "
+                        "There is no token flag: command lines are visible to every user.")
     flags.mark_flag_as_required("bundle")
 
 

@@ -42,7 +42,6 @@ import atexit
 import dataclasses
 import json
 import math
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,7 +54,7 @@ from metaworld.env_dict import MT10_V3, MT50_V3
 from tqdm import tqdm
 
 from configs.specs import RunSpec
-from data import resample
+from data import resample, storage
 from data.metaworld_env import ACTION_DIM, CONTROL_HZ, MetaWorldEnv
 from vla.evaluator import EvalHook
 from vla.policy import Policy
@@ -317,7 +316,7 @@ def evaluate(make_source: Callable[[MetaWorldEnv, int], ActionSource],
         raise ValueError(f"env cache renders {envs.cameras} at {envs.image_size}², the policy "
                          f"wants {spec.cameras} at {spec.image_size}²")
     if gif_dir and gif_episodes:
-        os.makedirs(gif_dir, exist_ok=True)
+        storage.path(gif_dir).mkdir(parents=True, exist_ok=True)
     start, build_before = time.perf_counter(), envs.build_seconds
     results: dict[str, list[EpisodeResult]] = {}
     bar = tqdm(total=len(tasks) * episodes, desc="sim eval", unit="episode", disable=not progress,
@@ -333,7 +332,7 @@ def evaluate(make_source: Callable[[MetaWorldEnv, int], ActionSource],
                                              i, keep_frames=gif, stop_at_success=stop_at_success)
                 results[task].append(result)
                 if gif:
-                    write_gif(os.path.join(
+                    write_gif(storage.join(
                         gif_dir, f"{task}_ep{i}_{'success' if result.success else 'failure'}.gif"),
                         frames, spec.control_hz)
                 done = [r.success for rs in results.values() for r in rs]
@@ -403,7 +402,7 @@ def evaluate_policy(policy: Policy, tasks: str | Sequence[str], *, episodes: int
     results = evaluate(make_source, resolve_tasks(tasks), PolicySpec.from_metadata(metadata),
                        episodes=episodes, seed=seed, max_steps=max_steps,
                        gif_episodes=gif_episodes,
-                       gif_dir=os.path.join(out_dir, "gifs") if out_dir else None, envs=envs,
+                       gif_dir=storage.join(out_dir, "gifs") if out_dir else None, envs=envs,
                        stop_at_success=stop_at_success, progress=progress)
     results["executor"] = {"mode": mode, "steps_executed": steps, "inference_delay": inference_delay}
     results["policy"] = dict(metadata)
@@ -450,7 +449,7 @@ def make_hook(spec: RunSpec, metadata: dict[str, Any], out_dir: str | None = Non
         results = evaluate_policy(
             policy, tasks, episodes=s.episodes, seed=s.seed, max_steps=s.max_steps,
             gif_episodes=s.gif_episodes,
-            out_dir=os.path.join(out_dir, f"step_{step}") if out_dir and chief else None,
+            out_dir=storage.join(out_dir, f"step_{step}") if out_dir and chief else None,
             mode=s.mode, inference_delay=s.inference_delay, envs=envs,
             stop_at_success=jax.process_count() == 1, progress=chief)
         if first:  # GL contexts left to the interpreter's exit complain; registered after
@@ -464,7 +463,8 @@ def make_hook(spec: RunSpec, metadata: dict[str, Any], out_dir: str | None = Non
 # ------------------------------------------------------------------------------- outputs
 
 def write_gif(path: str, frames: Sequence[np.ndarray], fps: float) -> None:
-    iio.imwrite(path, np.stack(frames), duration=1000.0 / fps, loop=0)
+    storage.path(path).write_bytes(iio.imwrite("<bytes>", np.stack(frames), extension=".gif",
+                                               duration=1000.0 / fps, loop=0))
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -486,15 +486,15 @@ def format_table(results: dict[str, Any]) -> str:
 
 def write_results(out_dir: str, results: dict[str, Any]) -> str:
     """out_dir/results.json (everything) and out_dir/results.md (the table); returns the table."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=_jsonable)
+    out = storage.path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
     table = format_table(results)
     p, t = results["protocol"], results["timing"]
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# Meta-World closed-loop evaluation\n\n{p['episodes']} episodes per task (seed "
-                f"{p['seed']}), at most {p['max_steps']} env steps at {p['native_hz']:g} Hz, "
-                f"policy at {p['control_hz']:g} Hz; {t['seconds']:.0f} s.\n\n{table}")
+    (out / "results.md").write_text(
+        f"# Meta-World closed-loop evaluation\n\n{p['episodes']} episodes per task (seed "
+        f"{p['seed']}), at most {p['max_steps']} env steps at {p['native_hz']:g} Hz, "
+        f"policy at {p['control_hz']:g} Hz; {t['seconds']:.0f} s.\n\n{table}")
     return table
 
 

@@ -1,9 +1,11 @@
 """The trainer: python -m vla.train --config configs/FILE.py[:arg] --workdir DIR [--config.key=value]
 
-Writes the resolved config to DIR/config.json and resumes from the newest checkpoint in
-DIR/checkpoints. Every process of a multi-host run runs this same program (jax.distributed is
-initialized from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when set); each
-feeds its own slice of the data, process 0 alone writes metrics and plots.
+Resumes from the newest checkpoint in DIR/checkpoints (refused, in words, when it holds another
+model config), then writes the resolved config to DIR/config.json. DIR may be a gs:// URL
+(data/storage.py); a scheme that cannot be written fails before any work. Every process of a
+multi-host run runs this same program (jax.distributed is initialized from
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when set); each feeds its own slice
+of the data, process 0 alone writes metrics and plots.
 
 A step is a pure function (state, batch) -> (state, metrics), jitted with the state donated. The
 state is {"step", "params", "opt_state"[, "ema"]} over the model's pure parameter dict; the
@@ -14,9 +16,11 @@ The config is read once, into typed specs (configs/specs.py); everything below t
 `prepare` builds a `Run` (data, mesh, sharded state, jitted step); `train(run, eval_hooks)`
 runs it. The command line adds the closed-loop Meta-World hook when config.sim_eval.tasks is set.
 
-Stops: at total_steps; on SIGTERM (all processes save at the same step, then exit 0); on a NaN or
-Inf loss, gradient or parameter after the update (raises FloatingPointError naming the step,
-without saving that state, so every checkpoint on disk is finite).
+Each checkpoint is saved before the evaluation of its step, and a failing evaluation is logged
+and counted (eval/failures), never fatal. Stops: at total_steps; on SIGTERM (all processes save
+at the same step, then exit 0); on a NaN or Inf loss, gradient or parameter after the update
+(raises FloatingPointError naming the step, without saving that state, so every checkpoint on
+disk is finite); on a data error that is not skipped (strict mode), with the step noted.
 """
 from __future__ import annotations
 
@@ -36,11 +40,12 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 from tqdm import tqdm
 
+from configs import cli
 from configs import specs as specs_lib
 from data import pipeline as pipeline_lib
+from data import storage
 from vla import cost, sharding
 from vla import optimizer as optimizer_lib
 from vla.checkpoint import Checkpointer, abstract_like
@@ -193,6 +198,17 @@ class Interval:
             else:
                 self._per_source[k] = self._per_source.get(k, 0.0) + np.asarray(v, np.float64)
 
+    def state(self) -> dict[str, Any]:
+        """The sums so far (JSON): a run stopped mid-interval saves them, so that after the
+        resume the interval's log row averages the same steps as an uninterrupted run's."""
+        return dict(steps=self.steps, data_wait=self.data_wait, scalars=self._scalars,
+                    per_source={k: v.tolist() for k, v in self._per_source.items()})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.steps, self.data_wait = state["steps"], state["data_wait"]
+        self._scalars = dict(state["scalars"])
+        self._per_source = {k: np.asarray(v, np.float64) for k, v in state["per_source"].items()}
+
     def summary(self) -> dict[str, float]:
         out = {k: v / self.steps for k, v in self._scalars.items()}
         for loss in LOSSES:
@@ -237,12 +253,42 @@ class _Stop:
         self.requested = True
 
 
-def load_params(workdir: str, target: Any) -> Any:
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_model_matches(ckpt: Checkpointer, step: int, params: Any, config: dict, what: str) -> None:
+    """Raises ValueError, in words, when the parameters of checkpoint `step` do not fit this
+    config's model: which parameters differ and which model keys of the two configs differ.
+    Reads metadata only, so a mismatch costs no restore (and leaves the workdir untouched)."""
+    mismatches = ckpt.shape_mismatches(step, "params", params)
+    if not mismatches:
+        return
+    theirs, ours = _flat(ckpt.saved_config(step)), _flat(config)
+    keys = [k for k in sorted(set(theirs) | set(ours))
+            if k.startswith(("model.", "knobs.")) and theirs.get(k) != ours.get(k)]
+    shown = "\n  ".join(mismatches[:5]) + (f"\n  ... and {len(mismatches) - 5} more"
+                                           if len(mismatches) > 5 else "")
+    differ = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys) \
+        or "no model or knobs key (the model code changed)"
+    raise ValueError(f"{what} (step {step}) came from another model config, so its parameters "
+                     f"cannot be loaded into this one:\n  {shown}\nConfig keys that differ: {differ}.\n"
+                     f"Use the config it was trained with, or another --workdir.")
+
+
+def load_params(workdir: str, target: Any, config: dict) -> Any:
     """The newest parameters of another run (init_from), e.g. π0.5 stage 1 -> stage 2."""
-    other = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+    other = Checkpointer(storage.join(workdir, "checkpoints"), keep=1)
     step = other.latest_step()
     if step is None:
         raise ValueError(f"config.init_from={workdir!r} has no checkpoint")
+    check_model_matches(other, step, target, config, f"config.init_from={workdir!r}")
     params = other.restore_params(step, target)
     other.close()
     return params
@@ -250,8 +296,7 @@ def load_params(workdir: str, target: Any) -> Any:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        (storage.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -271,6 +316,7 @@ class Run:
     ckpt: Checkpointer
     metadata: dict
     start: int
+    interval: dict | None = None  # the log interval's sums when the restored save was mid-interval
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -279,7 +325,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     the train step."""
     spec = specs_lib.build(config)
     specs_lib.validate_training(spec)
-    os.makedirs(workdir, exist_ok=True)
+    storage.check_writable(workdir)  # a bad URL or bucket fails here, before any work
     data = pipeline_lib.make_pipeline(spec.data, "train", process_index=jax.process_index(),
                                       process_count=jax.process_count())
     validate_data(spec.model, data.tokenizer.vocab_size)
@@ -288,26 +334,29 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         spec.model, fast_token_start=data.fast_token_start))
     mesh = sharding.make_mesh(spec.mesh.axes)
     validate_mesh(spec, mesh)
-    write_config(config, workdir)
     rules = spec.mesh.rules
+    config_dict = json.loads(config.to_json_best_effort())
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         model = sharding.init_sharded(lambda: VLA(spec.model, rngs=nnx.Rngs(spec.train.seed)), mesh, rules)
         graphdef, params = nnx.split(model)
         params = nnx.to_pure_dict(params)
         del model
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), spec.train.keep_checkpoints)
+        ckpt = Checkpointer(storage.join(workdir, "checkpoints"), spec.train.keep_checkpoints)
         start = ckpt.latest_step() or 0
-        if spec.train.init_from and not start:
-            params = load_params(spec.train.init_from, abstract_like(params))
+        if start:
+            check_model_matches(ckpt, start, abstract_like(params), config_dict,
+                                f"the checkpoint in {storage.join(workdir, 'checkpoints')}")
+        elif spec.train.init_from:
+            params = load_params(spec.train.init_from, abstract_like(params), config_dict)
         tx = optimizer_lib.make_optimizer(spec.optimizer, params)
         state = init_state(spec.optimizer, mesh, tx, params)
         del params
         if start:
             target = abstract_like(state)
             del state
-            state, _ = ckpt.restore(start, target, data)
-        metadata = dict(config=json.loads(config.to_json_best_effort()), sources=data.names,
+            state, saved = ckpt.restore(start, target, data)
+        metadata = dict(config=config_dict, sources=data.names,
                         tokenizer=os.path.abspath(data.tokenizer.path),
                         tokenizer_vocab_size=data.tokenizer.vocab_size,
                         fast_token_start=data.fast_token_start, stats=data.stats)
@@ -317,14 +366,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         step_fn = make_train_step(spec.optimizer, spec.train.seed, graphdef, tx, len(data.names))
         train_step = jax.jit(step_fn, donate_argnums=0,
                              out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated))
-    return Run(spec, workdir, data, mesh, graphdef, state, train_step, ckpt, metadata, start)
+    # Only now, with the checkpoint known to fit: the workdir's config.json describes its checkpoints.
+    write_config(config, workdir)
+    return Run(spec, workdir, data, mesh, graphdef, state, train_step, ckpt, metadata, start,
+               saved.get("interval") if start else None)
 
 
 def train(run: Run, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
     """Trains a prepared run to total_steps (or until SIGTERM); returns the last logged metrics.
     eval_hooks run at every evaluation (vla/evaluator.py)."""
     spec = run.spec
-    writer = MetricsWriter(run.workdir, jax.process_index() == 0, run.start)
+    writer = MetricsWriter(run.workdir, jax.process_index() == 0, run.start, spec.metrics,
+                           run.metadata["config"])
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(spec.mesh.rules):
         evaluator = None
         if spec.train.eval_batches:
@@ -342,25 +395,37 @@ def train(run: Run, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
             writer.close()
 
 
+def _evaluated(workdir: str, step: int) -> bool:
+    """Whether WORKDIR/metrics.jsonl holds the evaluation of `step` (every process reads it, so
+    all agree on whether to run an evaluation they must enter together)."""
+    path = storage.path(workdir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return any(r["step"] == step and any(k.startswith("eval/") for k in r) for r in rows)
+
+
 def _loop(run: Run, evaluator: Evaluator | None, writer: MetricsWriter) -> dict[str, float]:
     t, data, ckpt = run.spec.train, run.data, run.ckpt
     state = run.state
     chief, total = jax.process_index() == 0, t.total_steps
     stop, interval = _Stop(), Interval(data.names)
+    if run.interval:
+        interval.restore(run.interval)
     peak = peak_flops(t.chip)
     last: dict[str, float] = {}
     pending = None  # (step, metrics, data wait): fetched one step late so host and device overlap
     bar = tqdm(total=total, initial=run.start, disable=not chief, desc="train", dynamic_ncols=True)
     batch_sharding = sharding.batch_sharding(run.mesh, run.spec.mesh.rules)
 
-    def settle():
-        """Pulls the pending step's metrics (waits for that step), checks them for NaN/Inf."""
+    def settle(draw: bool = True):
+        """Pulls the pending step's metrics (waits for that step), checks them for NaN/Inf;
+        draw=False leaves advancing the bar to log(), which first sets the step's loss."""
         nonlocal pending
         if pending is not None:
             step, m, wait = pending
             pending = None
             interval.add(step, jax.device_get(m), wait)
-            bar.update(1)
+            if draw:
+                bar.update(1)
 
     def log(step):
         nonlocal last
@@ -369,34 +434,50 @@ def _loop(run: Run, evaluator: Evaluator | None, writer: MetricsWriter) -> dict[
         last.update(data.metrics())
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+        bar.update(1)  # the bar reaches this step showing this step's loss
         interval.reset()
 
-    def save(step):
-        ckpt.save(step, state, data, run.metadata)
-        writer.plot(os.path.join(run.workdir, "loss.png"))
+    def run_evaluation(step):
+        results = evaluator(step, state.get("ema", state["params"]))
+        writer.write(step, results)
+        if chief:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+        last.update(results)
+
+    # A run killed between a save and the evaluation of that step evaluates it now.
+    if (evaluator and run.start and (run.start % t.eval_every == 0 or run.start == total)
+            and not _evaluated(run.workdir, run.start)):
+        run_evaluation(run.start)
 
     for step in range(run.start + 1, total + 1):
         t0 = time.perf_counter()
-        batch = sharding.global_batch(next(data), batch_sharding)
+        try:
+            batch = sharding.global_batch(next(data), batch_sharding)
+        except Exception as e:
+            e.add_note(f"(while reading the batch of training step {step})")
+            raise
         wait = time.perf_counter() - t0
         state, metrics = run.train_step(state, batch)
         settle()
         pending = (step, metrics, wait)
         preempted = stop.requested or ckpt.reached_preemption(step)
-        boundary = step % t.log_every == 0 or step == total or preempted
-        if boundary or step % t.checkpoint_every == 0 or step % t.eval_every == 0:
-            settle()  # a bad step must raise before its state is saved
-            if interval.steps and boundary:
+        # A preempted step is not a log step: its partial interval is saved and continued.
+        boundary = step % t.log_every == 0 or step == total
+        save = step % t.checkpoint_every == 0 or step == total or preempted
+        evaluate = evaluator is not None and (step % t.eval_every == 0 or step == total)
+        if boundary or save or evaluate:
+            settle(draw=not boundary)  # a bad step must raise before its state is saved
+            if boundary:
                 log(step)
         paused = time.perf_counter()  # evaluation and saving do not count as step time
-        if evaluator and (step % t.eval_every == 0 or step == total):
-            results = evaluator(step, state.get("ema", state["params"]))
-            writer.write(step, results)
-            if chief:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-            last.update(results)
-        if step % t.checkpoint_every == 0 or step == total or preempted:
-            save(step)
+        # Saved before evaluating: no evaluation failure can cost training work.
+        if save:
+            ckpt.save(step, state, data, dict(run.metadata, interval=interval.state()) if interval.steps
+                      else run.metadata)
+        if evaluate:
+            run_evaluation(step)
+        if save:
+            writer.plot(storage.join(run.workdir, "loss.png"))
         interval.start += time.perf_counter() - paused
         if preempted:
             if chief:
@@ -418,14 +499,14 @@ def main(argv: Sequence[str]) -> None:
     hooks = []
     if run.spec.sim_eval.tasks:
         from vla import sim_eval  # MuJoCo: imported only when closed-loop evaluation is on
-        hooks.append(sim_eval.make_hook(run.spec, run.metadata, os.path.join(f.workdir, "sim_eval")))
+        hooks.append(sim_eval.make_hook(run.spec, run.metadata, storage.join(f.workdir, "sim_eval")))
     train(run, hooks)
 
 
 def define_flags() -> None:
     """The command line: python -m vla.train --help."""
-    config_flags.DEFINE_config_file("config", None, "Run config file, configs/FILE.py or configs/FILE.py:ARG "
-                                    "(required); override its values with --config.KEY=VALUE.", lock_config=True)
+    cli.define_config_flag("Run config file, configs/FILE.py or configs/FILE.py:ARG "
+                           "(required); override its values with --config.KEY=VALUE.")
     flags.DEFINE_string("workdir", None, "The run's directory (required): checkpoints/, metrics, plots and the "
                         "resolved config.json go here; training resumes from its newest checkpoint.")
     flags.mark_flags_as_required(["config", "workdir"])

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from vla.models.variants import gemma_variant, vit_variant
@@ -109,7 +110,8 @@ def import_to_directory(cfg: VLAConfig, seed: int, path: str | os.PathLike, fmt:
     """
     model = VLA(cfg, rngs=nnx.Rngs(seed))
     summary = import_paligemma(model, path, fmt, truncate_vocab=truncate_vocab)
-    directory = pathlib.Path(out).resolve()  # Orbax wants absolute paths
+    # Orbax wants an absolute path or a URL; tools.import_weights passes data/storage.path(--out).
+    directory = epath.Path(out if isinstance(out, epath.Path) else os.path.abspath(out))
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / "params", nnx.state(model, nnx.Param))
