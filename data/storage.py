@@ -95,6 +95,7 @@ def files_under(directory: epath.Path) -> list[epath.Path]:
 
 
 def cache_dir() -> str:
+    """Where gs:// trees are staged on this machine."""
     return os.environ.get("VLA_DATA_CACHE") or os.path.expanduser("~/.cache/vla/data")
 
 
@@ -104,9 +105,9 @@ def stage(root: str) -> str:
     the same root on one machine never see half a file."""
     if not is_remote(root):
         return root
-    remote = path(root)
+    remote = fresh(root)  # what is there now, not what this process listed before
     if not remote.is_dir():
-        raise FileNotFoundError(f"data root {root!r} does not exist")
+        raise FileNotFoundError(f"{root!r} does not exist")
     local = os.path.join(cache_dir(), *root.split("://", 1)[1].strip("/").split("/"))
     files = files_under(remote)
     for f in tqdm(files, desc=f"staging {root}", unit="file", leave=False):
