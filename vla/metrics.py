@@ -87,7 +87,7 @@ class MetricsWriter:
         root = storage.path(workdir)
         self._remote = storage.is_remote(root)
         self._jsonl = root / "metrics.jsonl"
-        rows = _rows(self._jsonl)
+        rows = read_rows(self._jsonl)
         self.history = [r for r in rows if r["step"] <= resume_step]
         tb = storage.fresh(root / "tensorboard")  # gcsfs may hold an older listing of it
         tb.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-def _rows(path: epath.Path) -> list[dict[str, float]]:
+def read_rows(path: epath.Path) -> list[dict[str, float]]:
     """metrics.jsonl's rows ([] when absent); a torn last line (a kill mid-write) is dropped."""
     if not path.exists():
         return []

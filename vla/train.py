@@ -50,7 +50,7 @@ from vla import cost, sharding
 from vla import optimizer as optimizer_lib
 from vla.checkpoint import Checkpointer, abstract_like
 from vla.evaluator import EvalHook, Evaluator
-from vla.metrics import MetricsWriter
+from vla.metrics import MetricsWriter, read_rows
 from vla.models.vla import LOSSES, SCALAR_METRICS, VLA, VLAConfig, per_source_key
 
 Batch = dict[str, Any]
@@ -398,8 +398,7 @@ def train(run: Run, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
 def _evaluated(workdir: str, step: int) -> bool:
     """Whether WORKDIR/metrics.jsonl holds the evaluation of `step` (every process reads it, so
     all agree on whether to run an evaluation they must enter together)."""
-    path = storage.path(workdir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = read_rows(storage.path(workdir) / "metrics.jsonl")
     return any(r["step"] == step and any(k.startswith("eval/") for k in r) for r in rows)
 
 
