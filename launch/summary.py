@@ -31,6 +31,7 @@ from configs.grid import informative_keys
 from data import storage
 from launch import common
 from vla import cost
+from vla.metrics import read_rows
 
 # Closed-loop success (config.sim_eval) is listed when the runs logged it.
 DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "eval/sim/success", "examples_per_s")
@@ -38,12 +39,9 @@ DEFAULT_METRICS = ("loss", "eval/action_mae/*", "eval/mean_action_mae/*", "eval/
 
 def final_metrics(workdir: str) -> dict[str, float]:
     """The last logged value of every metric, and the last logged step."""
-    path = storage.fresh(workdir) / "metrics.jsonl"
     out: dict[str, float] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                out.update(json.loads(line))
+    for row in read_rows(storage.fresh(workdir) / "metrics.jsonl"):
+        out.update(row)
     return out
 
 

@@ -74,6 +74,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import cli
+from data import storage
+from vla.metrics import read_rows
 
 SCENARIOS = ("reference", "kill", "save_kill", "sigterm", "corrupt_train", "corrupt_heldout", "nan")
 COMPARED = ("kill", "save_kill", "sigterm")
@@ -103,16 +105,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl ([] when absent); a torn last line (killed mid-write) is dropped."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return read_rows(storage.path(path))
 
 
 def compare_metrics(reference: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],

@@ -326,6 +326,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     spec = specs_lib.build(config)
     specs_lib.validate_training(spec)
     storage.check_writable(workdir)  # a bad URL or bucket fails here, before any work
+    if spec.data.root is not None:  # a gs:// root staged once, for the train and held-out pipelines
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=storage.stage(spec.data.root)))
     data = pipeline_lib.make_pipeline(spec.data, "train", process_index=jax.process_index(),
                                       process_count=jax.process_count())
     validate_data(spec.model, data.tokenizer.vocab_size)
