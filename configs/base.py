@@ -22,7 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
     c.eval_batches = 4  # held-out batches per evaluation (the same ones every time); 0 = none
     c.chip = "cpu"  # peak FLOP/s for MFU: a vla.cost.CHIPS name, or "cpu" (measured at start)
-    c.init_from = ""  # a workdir whose latest parameters start this run (π0.5 stage 2)
+    # Weight sources applied in order after the random init of a new run (not on resume), e.g.
+    # (dict(format="openpi", path="DIR/params"),) or (dict(format="vla", path=WORKDIR, step=N),):
+    # format big_vision | hf | openpi | vla, path, and optional step (vla runs), vocab (exact |
+    # truncate | pad) and exclude (regexes of parameters kept as initialized). vla/weights/load.py.
+    c.init = ()
 
     # ---------------------------------------------------------------- knobs
     # The three knobs that trade against each other at inference time.
@@ -61,6 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "nothing_saveable"
     c.model.scan_layers = True
+    # LoRA (vla/models/lora.py): low-rank adapters W + (alpha / rank) A B on the chosen expert
+    # projections; with any, only adapters train (plus optimizer.freeze) and tools.export merges
+    # them. lora_targets: regexes over "decoder/experts/<e>/<q_einsum|kv_einsum|attn_vec_einsum|
+    # gating_einsum|linear>", e.g. ("decoder/experts/1/",) = every projection of the action expert.
+    c.model.lora_rank = 0  # 0 = off
+    c.model.lora_alpha = 16.0
+    c.model.lora_targets = ()
 
     # ---------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
@@ -73,6 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "tokenizer.model"  # relative to data.root
     c.data.tokenizer_vocab_size = 512  # text pieces the generator's SentencePiece model learns
     c.data.normalization = "quantile"  # or "meanstd"
+    # Prompt text and token ids (data/prompt.py, data/tokenizer.py): "vla" (ours: state bins as
+    # <stateNNN> tokens, special tokens and FAST ids appended after the SentencePiece pieces) or
+    # "openpi" (openpi's π0 / π0.5 prompts, state as decimal text, FAST ids on the last pieces as
+    # π0-FAST: the tokenizer's vocab_size is its piece count, 257,152 for PaliGemma's).
+    c.data.prompt_format = "vla"
     # π0.5 robot targets: FAST action tokens after the subtask. tools.stats (and tools.generate)
     # fit the FAST tokenizer at the knobs' horizon and rate; the pipeline uses it in pi05 mode.
     c.data.fast_targets = False
@@ -80,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.fast_scale = 10.0  # DCT coefficients are rounded to 1 / fast_scale
     c.data.fast_fit_chunks = 5000  # windows sampled from the train split to fit on
     # The mixture: name -> dict(kind=robot|vl|video|tfds, path=..., weight=..., spec=... (robot:
-    # a data/rlds.py DatasetSpec name or fields), data_dir=..., fields=... (tfds)).
+    # a data/rlds.py DatasetSpec name or fields), stats=... (robot: a stats.json, relative to
+    # data.root or absolute, replacing the dataset's own, e.g. an imported checkpoint's),
+    # data_dir=..., fields=... (tfds)).
     c.data.sources = ml_collections.ConfigDict()
     c.data.workers = 0  # Grain worker processes; 0 reads in a thread
     c.data.prefetch = 2  # batches read ahead

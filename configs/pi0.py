@@ -8,7 +8,13 @@ Commands:
 
 Data: one robot dataset in RLDS at DATA/robot (data.sources.robot), read through the
 data/rlds.py DatasetSpec NAME, which maps its camera keys to base / left_wrist / right_wrist
-and names its state and action keys; stats.json beside it (python -m tools.stats).
+and names its state and action keys; stats.json beside it (python -m tools.stats), or the
+checkpoint's statistics with --config.data.sources.robot.stats=FILE (data/stats.from_openpi).
+
+openpi-compatible, so an imported openpi checkpoint fine-tunes on what it was trained with:
+PaliGemma's SentencePiece model at DATA/tokenizer.model (257,152 pieces = model.vocab_size),
+openpi's prompts and token ids (data.prompt_format "openpi": nothing is appended to the
+vocabulary), and openpi's π0 normalization (mean/std; openpi uses quantiles for π0.5 only).
 
 The knobs section below is the one to sweep: model size, context, control frequency.
 """
@@ -48,7 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vocab_size = PALIGEMMA_VOCAB
     c.model.compute_dtype = "bfloat16"
 
-    c.data.sources.robot = dict(kind="robot", path="robot", spec=placeholder(str), weight=1.0)
+    c.data.prompt_format = "openpi"
+    c.data.normalization = "meanstd"
+    # stats "": the dataset's own stats.json; a path (e.g. an imported checkpoint's) replaces it.
+    c.data.sources.robot = dict(kind="robot", path="robot", spec=placeholder(str), weight=1.0, stats="")
     c.mesh.data = 1
     c.mesh.fsdp = -1
     return c

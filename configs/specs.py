@@ -30,8 +30,9 @@ from vla.metrics import MetricsSpec
 from vla.models.vla import VLAConfig
 from vla.optimizer import OptimizerSpec
 from vla.sharding import MeshSpec
+from vla.weights.load import InitSource
 
-SOURCE_KEYS = ("kind", "path", "weight", "spec", "data_dir", "fields")
+SOURCE_KEYS = ("kind", "path", "weight", "spec", "data_dir", "fields", "stats")
 
 
 def action_horizon(chunk_s: float, control_hz: float) -> int:
@@ -79,7 +80,7 @@ class TrainSpec:
     keep_checkpoints: int
     eval_batches: int
     chip: str
-    init_from: str
+    init: tuple[InitSource, ...]  # weight sources of a new run, applied in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,8 @@ def _source(name: str, entry: Mapping[str, Any]) -> SourceSpec:
                       weight=float(entry["weight"]),
                       spec=spec if spec is None or isinstance(spec, str) else dict(spec),
                       data_dir=entry.get("data_dir") or None,
-                      fields=None if fields is None else dict(fields))
+                      fields=None if fields is None else dict(fields),
+                      stats=entry.get("stats") or None)
 
 
 def validate_training(spec: RunSpec) -> None:
@@ -174,7 +176,8 @@ def build(config: ml_collections.ConfigDict) -> RunSpec:
     # The model reads its section and the knobs it depends on (sizes, context).
     model = _typed(VLAConfig, config.model, "model",
                    **dataclasses.asdict(_typed(_ModelKnobs, k, "knobs")), action_horizon=horizon)
-    train = _typed(TrainSpec, config, "")
+    train = _typed(TrainSpec, config, "", init=tuple(
+        InitSource.from_config(entry, f"config.init[{i}]") for i, entry in enumerate(config.get("init", ()))))
     optimizer = _typed(OptimizerSpec, config.optimizer, "optimizer", total_steps=train.total_steps)
     window = WindowSpec(frames=model.context_frames, stride_s=k.context_stride_s,
                         control_hz=control.control_hz, horizon=horizon, cameras=model.cameras)
@@ -187,7 +190,9 @@ def build(config: ml_collections.ConfigDict) -> RunSpec:
         fast=FastSpec(enabled=d.fast_targets, vocab_size=d.fast_vocab_size, scale=d.fast_scale,
                       fit_chunks=d.fast_fit_chunks),
         seed=train.seed, batch_size=train.batch_size, workers=d.workers, prefetch=d.prefetch,
-        strict=d.strict)
+        strict=d.strict,
+        # A run configured before this key existed used our own prompts.
+        prompt_format=d.get("prompt_format", "vla"))
     generation = GenerationSpec(
         tasks=tuple(d.tasks), episodes_per_task=d.episodes_per_task,
         heldout_episodes_per_task=d.heldout_episodes_per_task, cameras=tuple(d.render_cameras),

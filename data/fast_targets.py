@@ -8,7 +8,8 @@ stored beside its normalization statistics, loaded only for the knobs they were 
 
 The chunks are exactly the pipeline's targets (`target_chunk`): the window's action chunk
 (data/windows.py) resampled to the window's control rate and horizon H, normalized
-with the dataset's stats.json, steps past the episode end holding the last action. FAST decodes
+with the statistics the source trains with (the dataset's stats.json, or the source's `stats`
+file: DataSpec.stats_file), steps past the episode end holding the last action. FAST decodes
 any token sequence into whatever [H, A] it is asked for, so a tokenizer fit at another horizon
 would decode into a wrong trajectory without complaint: fits are keyed by (H, rate) and `load`
 finds no other.
@@ -114,8 +115,12 @@ def fit_source(source: SourceSpec, data: DataSpec) -> dict:
     Fit on the train split; fast_report on windows of the heldout split when the dataset has
     one (else on the fit sample). Returns the saved meta.json contents."""
     ddir, spec = data.dataset_dir(source), data.window
-    normalizer = normalize.normalizers(stats.load_stats(ddir), data.normalization)["actions"]
     train = rlds.robot_opener(ddir, source.spec, "train")()
+    stats_file = data.stats_file(source)
+    source_stats = stats.read(stats_file)
+    stats.check(source_stats, data.normalization, train.state_dim, train.action_dim,
+                f"source {source.name!r} (statistics {stats_file})")
+    normalizer = normalize.normalizers(source_stats, data.normalization)["actions"]
     sample = sample_chunks(train, spec, train.spec.gripper_dims, normalizer,
                            data.fast.fit_chunks, data.seed, (rlds.CorruptRecordError,))
     tokenizer = fast.fit(sample, data.fast.vocab_size, data.fast.scale)

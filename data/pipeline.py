@@ -190,7 +190,7 @@ class Pipeline(grain.DatasetIterator):
     Attributes: names (sorted source names; batch["source"] indexes them), tokenizer,
     normalizers {source: {"state", "actions": Normalizer}} and stats {source: stats.json}
     for robot sources, fast {source: FastActions} for robot sources with FAST targets,
-    fast_token_start (first FAST id, the model's VLAConfig.fast_token_start; None without FAST
+    fast_token_start (lowest FAST id, the model's VLAConfig.fast_token_start; None without FAST
     targets), batch_size (per process), layout (per-example shapes).
     """
 
@@ -313,7 +313,9 @@ def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
 
     π0.5 with FAST targets (data.fast_targets): robot examples carry FAST action tokens, the
     text tokenizer gets a FAST id range as large as the largest robot source's FAST
-    vocabulary, and pipeline.fast_token_start is its first id.
+    vocabulary, and pipeline.fast_token_start is its lowest id. The tokenizer's id layout and
+    every prompt follow data.prompt_format ("openpi": FAST ids on the SentencePiece model's
+    last pieces, vocab_size = its piece count; data/tokenizer.py).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -325,7 +327,8 @@ def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
             with _naming_source(source):
                 fast[source.name] = fast_targets.load_for_source(source, data)
     tokenizer = Tokenizer(data.tokenizer_path(),
-                          n_fast_tokens=max((f.vocab_size for f in fast.values()), default=0))
+                          n_fast_tokens=max((f.vocab_size for f in fast.values()), default=0),
+                          id_layout=data.prompt_format)
     built = {}
     for source in data.sources:
         with _naming_source(source):

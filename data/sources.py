@@ -7,7 +7,8 @@ Kinds (SourceSpec.kind, data/spec.py):
     robot   windows over RLDS episodes (data/rlds.py): one example per (episode, native step);
             π0: prompt = instruction, no text target; π0.5: prompt = instruction + state bins,
             targets = the step's subtask (datasets that record one) and, with a FAST tokenizer
-            (data/fast_targets.py), the chunk's FAST tokens
+            (data/fast_targets.py), the chunk's FAST tokens; normalized with the dataset's
+            stats.json or the source's `stats` file (DataSpec.stats_file)
     vl      vision-language examples (written by data/scenes.py): prompt -> target text
     video   video clips (written by data/video.py): t frames, prompt -> target text
             (both read with data/tfds_image_text.ImageTextSource)
@@ -15,7 +16,8 @@ Kinds (SourceSpec.kind, data/spec.py):
             data_dir; fields = dict of data/tfds_image_text.FieldMap (image_key, prompt
             template, target_key)
 Text examples keep frames of a camera the model has under that camera, else put their (first)
-view in the first camera; other cameras, state and actions are zero and masked.
+view in the first camera; other cameras, state and actions are zero and masked. Prompts follow
+DataSpec.prompt_format (data/prompt.py).
 
 Sources hold only picklable recipes (paths, spec values) and open their readers lazily in the
 process that reads, so Grain can ship them to worker processes.
@@ -27,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from data import normalize, prompt, rlds, stats, windows
+from data import normalize, prompt, rlds, windows
+from data import stats as stats_lib
 from data import tfds_image_text as tit
 from data.fast_targets import FastActions
 from data.layout import Layout
@@ -72,9 +75,11 @@ class RobotSource:
 
     def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
                  window: windows.WindowSpec, hold_dims: Sequence[int], stats: dict,
-                 normalization: str, tokenizer: Tokenizer, fast: FastActions | None = None):
+                 normalization: str, tokenizer: Tokenizer, fast: FastActions | None = None,
+                 prompt_format: str = "vla", stats_file: str = "stats.json"):
         """fast: data/fast_targets.FastActions of this dataset at `window`'s horizon (π0.5
-        FAST targets; the tokenizer's FAST id range must hold its vocabulary), or None."""
+        FAST targets; the tokenizer's FAST id range must hold its vocabulary), or None.
+        stats_file: where `stats` came from, for messages."""
         self.name = name
         self._dataset = _Lazy(open_dataset)
         ds = self._dataset.get()
@@ -82,13 +87,11 @@ class RobotSource:
         if lengths.sum() == 0:
             raise ValueError(f"source {name!r}: dataset has no steps")
         window.check(ds.control_hz)  # e.g. a context stride finer than the native period
+        stats_lib.check(stats, normalization, ds.state_dim, ds.action_dim,
+                        f"source {name!r} (statistics {stats_file})")
         self.stats = stats
         self.normalizers = normalize.normalizers(stats, normalization)
-        dims = {k: n.dim for k, n in self.normalizers.items()}
         native = {"state": ds.state_dim, "actions": ds.action_dim}
-        if native != dims:
-            raise ValueError(f"source {name!r}: statistics have dims {dims}, data has {native}; "
-                             f"recompute them with tools.stats")
         if fast is not None and (fast.horizon, fast.action_dim) != (window.horizon, ds.action_dim):
             raise ValueError(f"source {name!r}: FAST tokenizer fit for chunks "
                              f"{(fast.horizon, fast.action_dim)}, windows are "
@@ -101,7 +104,7 @@ class RobotSource:
                              f"{layout.state_dim} / model.action_dim={layout.action_dim}")
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
         self._layout, self._window, self._hold = layout, window, tuple(hold_dims)
-        self._tokenizer, self._fast = tokenizer, fast
+        self._tokenizer, self._fast, self._prompt_format = tokenizer, fast, prompt_format
         self._cache_on = lengths.sum() * (ds.state_dim + ds.action_dim) * 4 <= LOWDIM_CACHE_BYTES
         self._cache: dict[int, tuple | None] = {}
         self._keep_images: bool | None = None  # decided at the first episode read
@@ -175,9 +178,11 @@ class RobotSource:
             fast_ids = None if self._fast is None else self._fast.encode(
                 windows.hold_past_end(actions, w["action_valid"]))
             ex.update(_tokens(self._tokenizer, instruction, w.get("subtask"), lay.max_len,
-                              prompt.discretize_state(state), fast_ids))
+                              self._prompt_format,
+                              prompt.state_bins(state, self._prompt_format), fast_ids))
         else:
-            ex.update(_tokens(self._tokenizer, instruction, None, lay.max_len))
+            ex.update(_tokens(self._tokenizer, instruction, None, lay.max_len,
+                              self._prompt_format))
         return ex
 
 
@@ -185,13 +190,13 @@ class TextSource:
     """Canonical text examples ({images: {cam: [t, h, w, 3]}, prompt, target}) -> examples."""
 
     def __init__(self, name: str, open_examples: Callable[[], Sequence[dict]], layout: Layout,
-                 tokenizer: Tokenizer):
+                 tokenizer: Tokenizer, prompt_format: str = "vla"):
         self.name = name
         self._examples = _Lazy(open_examples)
         self._len = len(self._examples.get())
         if self._len == 0:
             raise ValueError(f"source {name!r}: dataset has no examples")
-        self._layout, self._tokenizer = layout, tokenizer
+        self._layout, self._tokenizer, self._prompt_format = layout, tokenizer, prompt_format
 
     def __len__(self) -> int:
         return self._len
@@ -218,13 +223,15 @@ class TextSource:
                 ex["images"][cam] = lay.camera_frames(frames)
                 ex["image_mask"][c] = True
                 ex["frame_mask"][c, lay.frames - min(len(frames), lay.frames):] = True
-        ex.update(_tokens(self._tokenizer, item["prompt"], item["target"], lay.max_len))
+        ex.update(_tokens(self._tokenizer, item["prompt"], item["target"], lay.max_len,
+                          self._prompt_format))
         return ex
 
 
-def _tokens(tokenizer, text, target, max_len, state_bins=None, fast_tokens=None) -> dict:
+def _tokens(tokenizer, text, target, max_len, prompt_format, state_bins=None,
+            fast_tokens=None) -> dict:
     out = prompt.build_tokens(tokenizer, text, target, max_len, state_bins=state_bins,
-                              fast_tokens=fast_tokens)
+                              fast_tokens=fast_tokens, prompt_format=prompt_format)
     return {k: out[k] for k in ("tokens", "token_mask", "target_mask")}
 
 
@@ -243,8 +250,9 @@ def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[],
 def make_source(source: SourceSpec, data: DataSpec, split: str, tokenizer: Tokenizer,
                 fast: FastActions | None = None) -> RobotSource | TextSource:
     """Build one source; raises (before any batch) on an unknown kind, a missing path or spec,
-    missing statistics or dims/strides the spec cannot serve. fast: the robot source's
-    FastActions when π0.5 examples carry FAST targets."""
+    missing statistics (the dataset's stats.json or the source's `stats` file), statistics of
+    other dims, or dims/strides the spec cannot serve. fast: the robot source's FastActions
+    when π0.5 examples carry FAST targets. tokenizer: in data.prompt_format's id layout."""
     name = source.name
     if source.kind not in KINDS:
         raise ValueError(f"source {name!r}: unknown kind {source.kind!r}; expected one of {KINDS}")
@@ -252,9 +260,11 @@ def make_source(source: SourceSpec, data: DataSpec, split: str, tokenizer: Token
     if not os.path.exists(path):
         raise FileNotFoundError(f"source {name!r}: dataset path {path} does not exist")
     if source.kind != "robot":
-        return TextSource(name, _text_opener(source, data, split), data.layout, tokenizer)
+        return TextSource(name, _text_opener(source, data, split), data.layout, tokenizer,
+                          data.prompt_format)
     opener = rlds.robot_opener(path, source.spec, split)
     opener()  # a wrong path, spec or split is reported before missing statistics
+    stats_file = data.stats_file(source)
     return RobotSource(name, opener, data.layout, data.window,
-                       rlds.robot_spec(source.spec, path).gripper_dims, stats.load_stats(path),
-                       data.normalization, tokenizer, fast)
+                       rlds.robot_spec(source.spec, path).gripper_dims, stats_lib.read(stats_file),
+                       data.normalization, tokenizer, fast, data.prompt_format, stats_file)

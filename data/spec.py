@@ -2,8 +2,8 @@
 
 configs/specs.py builds these from a run config; nothing in data/ reads the config itself.
 
-    DataSpec        the mixture: sources, window, example layout, tokenizer, normalization,
-                    FAST targets, seed and global batch size, readers
+    DataSpec        the mixture: sources, window, example layout, prompt format, tokenizer,
+                    normalization, FAST targets, seed and global batch size, readers
     SourceSpec      one mixture component (a config's data.sources.<name>)
     FastSpec        π0.5 FAST action targets: whether on, and how to fit the tokenizer
     GenerationSpec  what tools.generate plays and renders (Meta-World tasks, episodes, cameras)
@@ -15,7 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from data import storage
 from data.layout import Layout
+from data.prompt import PROMPT_FORMATS
+from data.stats import STATS_FILE
 from data.windows import WindowSpec
 
 KINDS = ("robot", "vl", "video", "tfds")
@@ -27,7 +30,9 @@ class SourceSpec:
 
     kind: robot (RLDS episodes, data/rlds.py), vl / video (our image-text datasets), tfds (any
     TFDS image-text dataset, data/tfds_image_text.py). path: its dataset directory, relative to
-    DataSpec.root unless absolute; with data_dir, the registered TFDS name.
+    DataSpec.root unless absolute; with data_dir, the registered TFDS name. stats (robot): a
+    stats.json, relative to DataSpec.root unless absolute (gs:// too), that replaces the
+    dataset's own <path>/stats.json, e.g. an imported checkpoint's (data/stats.from_openpi).
     """
 
     name: str
@@ -37,11 +42,12 @@ class SourceSpec:
     spec: str | Mapping[str, Any] | None = None  # robot: a data/rlds.py DatasetSpec name or fields
     data_dir: str | None = None  # tfds: the data_dir of a registered dataset
     fields: Mapping[str, Any] | None = None  # tfds: data/tfds_image_text.FieldMap fields
+    stats: str | None = None  # robot: statistics replacing the dataset's stats.json
 
     def entry(self) -> dict[str, Any]:
         """The config entry this was built from, for messages."""
         out = dict(kind=self.kind, path=self.path, spec=self.spec, weight=self.weight,
-                   data_dir=self.data_dir, fields=self.fields)
+                   data_dir=self.data_dir, fields=self.fields, stats=self.stats)
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -72,6 +78,14 @@ class DataSpec:
     workers: int = 0  # Grain worker processes; 0 reads in a thread
     prefetch: int = 2  # batches read ahead
     strict: bool = False  # re-raise bad records instead of skipping them
+    # "vla": our prompts, special tokens appended to the vocabulary; "openpi": openpi's prompts,
+    # FAST ids on the last SentencePiece pieces (data/prompt.py, data/tokenizer.py).
+    prompt_format: str = "vla"
+
+    def __post_init__(self):
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"config.data.prompt_format={self.prompt_format!r}; expected one of "
+                             f"{PROMPT_FORMATS}")
 
     @property
     def names(self) -> list[str]:
@@ -95,6 +109,15 @@ class DataSpec:
     def dataset_dir(self, source: SourceSpec) -> str:
         """A source's dataset directory: its path, relative to root unless absolute."""
         return os.path.join(self._root(), source.path)
+
+    def stats_file(self, source: SourceSpec) -> str:
+        """The stats.json a robot source normalizes with: its `stats` (relative to root unless
+        absolute or gs://), else the dataset's own <dataset dir>/stats.json."""
+        if source.stats is None:
+            return os.path.join(self.dataset_dir(source), STATS_FILE)
+        if storage.is_remote(source.stats) or os.path.isabs(source.stats):
+            return source.stats
+        return os.path.join(self._root(), source.stats)
 
     def tokenizer_path(self) -> str:
         return os.path.join(self._root(), self.tokenizer)

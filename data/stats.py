@@ -11,7 +11,9 @@ Two passes over the episodes, each split into shards that worker processes read 
 Statistics are over the recorded native steps (not the resampled chunks: interpolation does not
 leave the range of recorded values, and every step counts once).
 
-Stored as JSON beside the dataset: <data.root>/<source path>/stats.json (see `stats_path`).
+Stored as JSON beside the dataset: <data.root>/<source path>/stats.json (see `stats_path`), or
+read from any stats.json a robot source names with its `stats` key (DataSpec.stats_file), e.g. an
+imported checkpoint's statistics converted by `from_openpi`.
 """
 import concurrent.futures
 import dataclasses
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import tqdm
+
+from data import normalize, storage
 
 BINS = 8192
 KEYS = ("state", "actions")
@@ -209,17 +213,94 @@ def stats_path(dataset_dir: str) -> str:
 
 
 def save_stats(dataset_dir: str, stats: dict) -> str:
-    path = stats_path(dataset_dir)
-    with open(path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(path + ".tmp", path)  # readers never see a half-written file
-    return path
+    return write(stats_path(dataset_dir), stats)
 
 
 def load_stats(dataset_dir: str) -> dict:
-    path = stats_path(dataset_dir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no normalization statistics at {path}; run "
-                                f"`python -m tools.stats --config ...` first")
-    with open(path) as f:
-        return json.load(f)
+    return read(stats_path(dataset_dir))
+
+
+def write(path: str | os.PathLike, stats: dict) -> str:
+    """Writes a stats.json to path (local or gs://); a local file appears whole or not at all."""
+    out = storage.path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(stats, indent=1)
+    if storage.is_remote(out):
+        out.write_text(text)  # a gs:// object is replaced whole by a write anyway
+    else:
+        tmp = out.parent / (out.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)  # readers never see a half-written file
+    return os.fspath(out)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """A stats.json from path (local or gs://); FileNotFoundError names it."""
+    p = storage.path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no normalization statistics at {os.fspath(p)}; a dataset's "
+                                f"own come from `python -m tools.stats --config ...`")
+    return json.loads(p.read_text())
+
+
+# ------------------------------------------------------------------ openpi's statistics
+OPENPI_FIELDS = ("mean", "std", "q01", "q99")  # openpi shared/normalize.py NormStats
+# Our fields openpi does not record; None (JSON null) says they are unknown, and nothing that
+# normalizes reads them.
+OPENPI_LACKS = ("min", "max", "count")
+
+
+def from_openpi(path: str | os.PathLike) -> dict:
+    """openpi's norm_stats.json (openpi.shared.normalize.save: {"norm_stats": {"state": {mean,
+    std, q01, q99}, "actions": {...}}}, e.g. a checkpoint's assets/<asset_id>/norm_stats.json)
+    -> our stats.json contents, for data/normalize.py and `write`.
+
+    Per array: mean, std, q01, q99 [D] as openpi has them (openpi writes q01/q99 as null when it
+    computed none; such statistics serve "meanstd" normalization only, and `check` refuses them
+    for "quantile"); min, max and count, which openpi does not record, are None. Top level:
+    num_episodes, num_steps and skipped_episodes None, quantile_method naming openpi's, and
+    from_openpi = the file read. Other keys of openpi's file are left out.
+    """
+    where = os.fspath(storage.path(path))
+    norm_stats = read(path).get("norm_stats")
+    missing = [k for k in KEYS if not isinstance((norm_stats or {}).get(k), dict)]
+    if missing:
+        raise ValueError(f"{where}: not an openpi norm_stats.json, no norm_stats entry for "
+                         f"{missing}")
+    out = dict(num_episodes=None, num_steps=None, skipped_episodes=None,
+               quantile_method="openpi (shared/normalize.py RunningStats: 5000-bin histograms "
+                               "over [min, max] per dim)",
+               from_openpi=where)
+    for k in KEYS:
+        entry = norm_stats[k]
+        absent = [f for f in ("mean", "std") if entry.get(f) is None]
+        if absent:
+            raise ValueError(f"{where}: norm_stats.{k} has no {absent}")
+        out[k] = {f: _floats(entry.get(f)) for f in OPENPI_FIELDS}
+        out[k].update(dict.fromkeys(OPENPI_LACKS))
+    return out
+
+
+def _floats(values: Any) -> list[float] | None:
+    return None if values is None else np.asarray(values, np.float64).reshape(-1).tolist()
+
+
+def check(stats: dict, normalization: str, state_dim: int, action_dim: int, where: str) -> None:
+    """Raises ValueError, prefixed by `where` (the file and the source), when statistics cannot
+    normalize a dataset of these native dims in this mode: a field the mode needs is absent or
+    null, or the dims differ."""
+    needs = {"quantile": ("q01", "q99"), "meanstd": ("mean", "std")}.get(normalization)
+    if needs is None:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of "
+                         f"{normalize.MODES}")
+    for k in KEYS:
+        absent = [f for f in needs if (stats.get(k) or {}).get(f) is None]
+        if absent:
+            raise ValueError(f"{where}: {k} has no {absent}, which {normalization!r} "
+                             f"normalization needs")
+    dims = {k: len(stats[k][needs[0]]) for k in KEYS}
+    native = {"state": state_dim, "actions": action_dim}
+    if dims != native:
+        raise ValueError(f"{where}: statistics have dims {dims}, the dataset has {native} "
+                         f"(recompute the dataset's own with tools.stats, or name statistics of "
+                         f"its dims in the source's `stats`)")

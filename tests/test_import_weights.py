@@ -1,5 +1,7 @@
-"""PaliGemma import: a random tiny transformers PaliGemma and our VLA give the same logits; the same
-weights in the big_vision layout import to identical parameters; bad files fail clearly."""
+"""PaliGemma import (vla/weights): a random tiny transformers PaliGemma and our VLA give the same
+logits; the same weights in the big_vision layout import to identical parameters; bad files fail
+before anything is assigned, naming the parameter and both shapes; vocabulary rows are cut or
+padded only when asked; tools.import_weights' output is itself a weight source."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +10,19 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from safetensors.numpy import save_file  # noqa: E402
+
 from configs import demo, specs  # noqa: E402
-from vla.models.paligemma_io import WeightImportError, convert, import_paligemma, import_to_directory, read_tensors  # noqa: E402
+from tools.import_weights import import_to_directory  # noqa: E402
 from vla.models.vla import VLA, VLAConfig  # noqa: E402
+from vla.weights.files import Safetensors  # noqa: E402
+from vla.weights.load import InitSource, WeightImportError, init_params  # noqa: E402
 
 # Matches vit "tiny/8" and vlm "gemma_tiny" at 32² images.
 VOCAB, IMAGE_TOKEN, IMAGE, PATCH, TEXT = 300, 299, 32, 8, 8
@@ -60,11 +65,18 @@ def fresh():
     return VLA(CFG, rngs=nnx.Rngs(0))
 
 
+def import_into(model: VLA, fmt: str, path, cfg: VLAConfig = CFG, **source) -> tuple[VLA, dict]:
+    """A copy of `model` with the source applied through config.init's code, and its report."""
+    graphdef, state = nnx.split(nnx.clone(model))
+    copy = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))  # clones share arrays; init_params consumes its input
+    params, (report,) = init_params([InitSource(fmt, str(path), **source)], cfg, copy)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), report
+
+
 @pytest.fixture(scope="module")
 def imported(hf, fresh):
-    model = nnx.clone(fresh)
-    summary = import_paligemma(model, hf[1], "hf")
-    return model, summary
+    return import_into(fresh, "hf", hf[1])
 
 
 def _flat_params(model: VLA) -> dict[str, np.ndarray]:
@@ -126,6 +138,11 @@ def big_vision_tensors(hf):
     return to_big_vision({k: v.numpy() for k, v in hf[0].state_dict().items()})
 
 
+def save_npz(path, tensors: dict, dtype=np.float32):
+    np.savez(path, **{f"params/{k}": v.astype(dtype) if v.dtype.kind == "f" else v for k, v in tensors.items()})
+    return path
+
+
 @nnx.jit  # one compilation instead of one per eager op
 def _prefix_logits(model: VLA, batch: dict) -> jax.Array:
     out, _ = model.encode_prefix(model.embed_prefix(batch))
@@ -157,93 +174,111 @@ def test_logits_match_transformers(hf, imported, num_targets):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_summary_lists_imported_and_kept(imported, fresh):
-    model, summary = imported
-    assert "vit/head/kernel" in summary.imported and "decoder/experts/0/q_einsum" in summary.imported
-    assert all(name.startswith(("decoder/experts/1/", "action_", "state_proj")) for name in summary.kept)
+def test_report_lists_imported_kept_and_ignored(imported, fresh):
+    model, report = imported
+    assert "vit/head/kernel" in report["imported"] and "decoder/experts/0/q_einsum" in report["imported"]
+    assert all(name.startswith(("decoder/experts/1/", "action_", "state_proj")) for name in report["kept"])
     ours, initial = _flat_params(model), _flat_params(fresh)
-    assert ours.keys() == set(summary.imported) | set(summary.kept)
-    for name in summary.kept:
+    assert ours.keys() == set(report["imported"]) | set(report["kept"])
+    for name in report["kept"]:
         np.testing.assert_array_equal(ours[name], initial[name], err_msg=name)
-    assert set(summary.ignored) <= {"lm_head.weight", "language_model.lm_head.weight"}  # tied, if stored
-    json.dumps(summary.to_json())
+    assert set(report["ignored"]) <= {"lm_head.weight", "language_model.lm_head.weight"}  # tied, if stored
+    json.dumps(report)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_big_vision_imports_identical_parameters(tmp_path, fresh, imported, big_vision_tensors, dtype):
     """The same weights written as a big_vision .npz (with big_vision's "params/" prefix; bf16 as
     numpy stores it, 2-byte void) import to the same parameters."""
-    path = tmp_path / "paligemma.npz"
-    np.savez(path, **{f"params/{k}": v.astype(dtype) for k, v in big_vision_tensors.items()})
-    model = nnx.clone(fresh)
-    import_paligemma(model, path, "big_vision")
+    model, _ = import_into(fresh, "big_vision", save_npz(tmp_path / "pg.npz", big_vision_tensors, dtype))
     ours, reference = _flat_params(model), _flat_params(imported[0])
-    for name in imported[1].imported:
+    for name in imported[1]["imported"]:
         np.testing.assert_array_equal(ours[name], reference[name].astype(dtype).astype(np.float32), err_msg=name)
 
 
-def test_wrong_shape_is_named(big_vision_tensors):
-    tensors = dict(big_vision_tensors, **{"llm/layers/mlp/linear": np.zeros((2, 96, 64), np.float32)})
-    with pytest.raises(WeightImportError, match=r"llm/layers/mlp/linear: expected shape \(2, 128, 64\), "
-                                                r"found \(2, 96, 64\)"):
-        convert(tensors, "big_vision", CFG)
-
-
-def test_missing_and_unexpected_keys_are_listed(big_vision_tensors):
-    tensors = dict(big_vision_tensors, **{"llm/extra/w": np.zeros(3, np.float32)})
+def test_every_problem_is_named_before_anything_is_assigned(tmp_path, fresh, big_vision_tensors):
+    """A wrong shape, a missing tensor and a non-float tensor: one error listing all three; an
+    unexpected tensor is only reported as ignored."""
+    tensors = dict(big_vision_tensors, **{"llm/layers/mlp/linear": np.zeros((2, 96, 64), np.float32),
+                                          "img/head/kernel": np.zeros((32, 64), np.int32)})
     del tensors["img/head/bias"]
     with pytest.raises(WeightImportError) as error:
-        convert(tensors, "big_vision", CFG)
+        import_into(fresh, "big_vision", save_npz(tmp_path / "bad.npz", tensors))
     message = str(error.value)
-    assert "missing keys (1):\n    img/head/bias" in message
-    assert "unexpected keys (1):\n    llm/extra/w" in message
+    assert "nothing was assigned" in message
+    assert ("decoder/experts/0/linear: llm/layers/mlp/linear has shape (2, 96, 64), the model needs "
+            "(2, 128, 64)") in message
+    assert "vit/head/bias: img/head/bias is not in the file" in message
+    assert "vit/head/kernel: img/head/kernel has dtype int32, the model's is float32" in message
+
+    extra = save_npz(tmp_path / "extra.npz", dict(big_vision_tensors, **{"llm/extra/w": np.zeros(3, np.float32)}))
+    assert import_into(fresh, "big_vision", extra)[1]["ignored"] == ["llm/extra/w"]
 
 
-def test_hf_key_layouts_and_config_mismatch(hf):
+def test_hf_key_layouts_vocab_rows_and_config_mismatch(tmp_path, hf, fresh, imported):
     """Hub files (`language_model.model.*`, `vision_tower.vision_model.*`, a stored tied
-    `language_model.lm_head`) and transformers' in-memory names import the same as 5.x files; a
-    padded vocab imports with truncate_vocab. An untied head and a config that does not fit are
-    errors naming the file key."""
-    tensors = read_tensors(hf[1], "hf")
+    `language_model.lm_head`) and transformers' in-memory names import the same as 5.x files. A
+    larger vocabulary imports only with vocab="truncate", a smaller one only with vocab="pad"
+    (the extra rows keep their initialization). An untied head and a config that does not fit
+    are errors naming the file key."""
+    reader = Safetensors(hf[1])
+    tensors = {k: reader.read(k) for k in reader.specs()}
     legacy = {k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()}
     legacy["language_model.lm_head.weight"] = legacy["language_model.model.embed_tokens.weight"]
     in_memory = {k: v.numpy() for k, v in hf[0].state_dict().items()}  # "model.language_model.*", "lm_head"
-    reference, _ = convert(tensors, "hf", CFG)
-    for layout, head in ((legacy, "language_model.lm_head.weight"), (in_memory, "lm_head.weight")):
-        params, ignored = convert(layout, "hf", CFG)
-        assert ignored == [head]
-        assert all(np.array_equal(params[k], reference[k]) for k in reference)
+    reference = _flat_params(imported[0])
+    for i, (layout, head) in enumerate(((legacy, "language_model.lm_head.weight"), (in_memory, "lm_head.weight"))):
+        save_file(layout, tmp_path / f"layout{i}.safetensors")
+        model, report = import_into(fresh, "hf", tmp_path / f"layout{i}.safetensors")
+        assert report["ignored"] == [head]
+        ours = _flat_params(model)
+        assert all(np.array_equal(ours[k], reference[k]) for k in reference)
 
-    padded = dict(tensors)  # transformers' PaliGemma appends <image> and padding rows to the vocab
     key = "language_model.model.embed_tokens.weight"
-    padded[key] = np.concatenate([tensors[key], np.ones((20, 64), np.float32)])
-    with pytest.raises(WeightImportError, match=r"found \(320, 64\) \(truncate_vocab keeps the first rows\)"):
-        convert(padded, "hf", CFG)
-    params, ignored = convert(padded, "hf", CFG, truncate_vocab=True)
-    assert ignored == [f"{key}[{VOCAB}:]"] and np.array_equal(params["decoder/embedder"], reference["decoder/embedder"])
+    padded = dict(tensors, **{key: np.concatenate([tensors[key], np.ones((20, 64), np.float32)])})
+    save_file(padded, tmp_path / "padded.safetensors")
+    with pytest.raises(WeightImportError, match=r"has 320 rows, the model vocab_size=300 \(set vocab='truncate'"):
+        import_into(fresh, "hf", tmp_path / "padded.safetensors")
+    model, report = import_into(fresh, "hf", tmp_path / "padded.safetensors", vocab="truncate")
+    assert f"{key}[{VOCAB}:]" in report["ignored"]
+    np.testing.assert_array_equal(_flat_params(model)["decoder/embedder"], reference["decoder/embedder"])
+
+    bigger = dataclasses.replace(CFG, vocab_size=VOCAB + 12)
+    bigger_model = VLA(bigger, rngs=nnx.Rngs(0))
+    with pytest.raises(WeightImportError, match=r"has 300 rows, the model vocab_size=312 \(set vocab='pad'"):
+        import_into(bigger_model, "hf", hf[1], bigger)
+    model, report = import_into(bigger_model, "hf", hf[1], bigger, vocab="pad")
+    embedding = _flat_params(model)["decoder/embedder"]
+    np.testing.assert_array_equal(embedding[:VOCAB], reference["decoder/embedder"])
+    np.testing.assert_array_equal(embedding[VOCAB:], _flat_params(bigger_model)["decoder/embedder"][VOCAB:])
+    assert report["embedding_rows"] == VOCAB
 
     legacy["language_model.lm_head.weight"] = legacy["language_model.lm_head.weight"] + 1
+    save_file(legacy, tmp_path / "untied.safetensors")
     with pytest.raises(WeightImportError, match="lm_head.weight differs from the input embedding"):
-        convert(legacy, "hf", CFG)
-    with pytest.raises(WeightImportError, match=r"language_model.model.embed_tokens.weight: expected shape "
-                                                r"\(256, 64\), found \(300, 64\)"):
-        convert(tensors, "hf", dataclasses.replace(CFG, vocab_size=256))
+        import_into(fresh, "hf", tmp_path / "untied.safetensors")
+    other = dataclasses.replace(CFG, vit="tiny/16")
+    with pytest.raises(WeightImportError, match=r"vit/patch_kernel: vision_tower.embeddings.patch_embedding.weight "
+                                                r"has shape \(32, 3, 8, 8\), the model needs \(32, 3, 16, 16\)"):
+        import_into(VLA(other, rngs=nnx.Rngs(0)), "hf", hf[1], other)
 
 
-def test_import_to_directory_saves_orbax_params(tmp_path, hf, imported):
-    """What the command line does, on the demo config at the test shapes; the Orbax params restore
-    onto the abstract state of the same config."""
+def test_import_to_directory_output_is_a_weight_source(tmp_path, hf, imported):
+    """What the command line does, on the demo config at the test shapes: OUT/params, used as a
+    format "vla" source, gives the imported parameters."""
     config = demo.get_config()
-    config.model.image_size, config.model.vocab_size = IMAGE, VOCAB
-    cfg = specs.build(config).model
-    report = import_to_directory(cfg, config.seed, hf[1], "hf", tmp_path / "out")
+    config.model.image_size, config.model.vocab_size, config.model.cameras = IMAGE, VOCAB, ("base",)
+    spec = specs.build(config)
+    out = str(tmp_path / "out")
+    report = import_to_directory(spec, InitSource("hf", str(hf[1])), out)
     assert json.loads((tmp_path / "out" / "import.json").read_text()) == json.loads(json.dumps(report))
-    assert report["format"] == "hf" and report["imported"]["vit/pos_embedding"] == [NUM_IMAGE_TOKENS, 32]
+    assert report["format"] == "hf" and report["model"]["vocab_size"] == VOCAB
 
-    abstract = nnx.state(nnx.eval_shape(lambda: VLA(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "out" / "params", abstract)
-    assert jax.tree.structure(restored) == jax.tree.structure(abstract)
-    ours = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(restored)}
-    reference = _flat_params(imported[0])
+    fresh = VLA(spec.model, rngs=nnx.Rngs(1))
+    model, again = import_into(fresh, "vla", out, spec.model)
+    assert again["kept"] == [] and again["ignored"] == []
+    ours, reference = _flat_params(model), _flat_params(imported[0])
     for name in report["imported"]:
         np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
+    with pytest.raises(ValueError, match="is a tools.import_weights output; it has no steps"):
+        import_into(fresh, "vla", out, spec.model, step=3)

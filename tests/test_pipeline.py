@@ -447,3 +447,41 @@ def test_wholly_unreadable_source_fails_at_startup(generated_root, tmp_path):
     config, _ = _corrupted_copy(generated_root, tmp_path, whole_file=True)
     with pytest.raises(ValueError, match="source 'metaworld': no readable data"):
         pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
+
+
+def test_openpi_prompt_format_in_robot_and_text_examples(tokenizer):
+    """data.prompt_format "openpi": robot examples carry openpi's π0.5 prompt (state digitized
+    as openpi does, as text), text examples openpi's π0 layout; built with SentencePiece here."""
+    import sentencepiece as spm
+    tok, sp = Tokenizer(tokenizer.path, id_layout="openpi"), spm.SentencePieceProcessor(
+        model_file=tokenizer.path)
+    config = _pi05_config()
+    layout, window = specs.build(config).data.layout, specs.build(config).data.window
+    robot = sources.RobotSource("robot", functools.partial(_robot_data, 0), layout, window, (3,),
+                                _robot_stats(), "quantile", tok, None, "openpi")
+    ex = robot[5]  # episode 0 (20 steps), step 5
+    bins = np.digitize(ex["state"][:4], np.linspace(-1, 1, 257)[:-1]) - 1
+    prefix = sp.encode(f"Task: {TEXTS[0]}, State: {' '.join(map(str, bins))};\nAction: ",
+                       add_bos=True)
+    target = sp.encode(f"Subtask: {SUBTASKS[0]}\n") + [sp.eos_id()]
+    assert ex["tokens"][ex["token_mask"]].tolist() == prefix + target
+    assert np.flatnonzero(ex["target_mask"]).tolist() == list(range(len(prefix), len(prefix) + len(target)))
+    text = sources.TextSource("vl", functools.partial(_text_data, 2), layout, tok, "openpi")[0]
+    expected = (sp.encode(TEXTS[0], add_bos=True) + sp.encode("\n") + sp.encode(TEXTS[1])
+                + [sp.eos_id()])
+    assert text["tokens"][text["token_mask"]].tolist() == expected
+
+
+def test_openpi_prompt_format_reaches_the_pipelines_tokenizer(generated_root):
+    config = _generated_pi05_config(generated_root)
+    config.data.fast_targets = False  # FAST ids would sit on this small model's text pieces
+    config.data.prompt_format = "openpi"
+    config.batch_size = 8
+    it = pipeline.make_pipeline(specs.build(config).data, process_index=0, process_count=1)
+    tok = it.tokenizer
+    assert tok.id_layout == "openpi" and tok.vocab_size == tok.n_sp
+    batch = next(it)
+    row = int(np.flatnonzero(batch["source"] == 0)[0])  # metaworld
+    prefix = batch["tokens"][row][batch["token_mask"][row] & ~batch["target_mask"][row]]
+    text = tok.decode(prefix)
+    assert text.startswith("Task: ") and text.endswith(";\nAction: ") and "<state" not in text

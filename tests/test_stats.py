@@ -1,14 +1,16 @@
-"""Statistics match numpy on generated arrays (serial and over worker processes); normalizers."""
+"""Statistics match numpy on generated arrays (serial and over worker processes); normalizers;
+openpi's norm_stats.json as our statistics; a source's `stats` file."""
 import dataclasses
 import functools
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 
 from configs import specs
-from data import fast_targets, normalize, rlds, stats, windows
+from data import fast_targets, normalize, pipeline, rlds, stats, windows
 from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
 from tools.stats import compute_stats
 
@@ -195,3 +197,90 @@ def test_fast_sample_is_bounded_and_matches_the_windows():
     readable = fast_targets.sample_chunks(_unreadable(1), spec, (), norm, 10_000,
                                           errors=(rlds.CorruptRecordError,))
     assert len(readable) == len(every) - ds.episode(2).length
+
+
+# ------------------------------------------------------------------ openpi's statistics
+# Written by openpi's own normalize.save (see its README); CI has shared/ beside the checkout.
+OPENPI_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openpi"
+OPENPI_NORM_STATS = OPENPI_FIXTURES / "pi05_tiny" / "assets" / "tiny_robot" / "norm_stats.json"
+
+
+@pytest.mark.skipif(not OPENPI_NORM_STATS.exists(), reason="openpi fixtures absent")
+def test_from_openpi_reads_openpis_norm_stats(tmp_path):
+    raw = json.loads(OPENPI_NORM_STATS.read_text())["norm_stats"]
+    s = stats.from_openpi(OPENPI_NORM_STATS)
+    for key in stats.KEYS:
+        for field in ("mean", "std", "q01", "q99"):
+            assert s[key][field] == raw[key][field]
+        assert s[key]["min"] is s[key]["max"] is s[key]["count"] is None  # openpi has none
+    assert s["from_openpi"] == str(OPENPI_NORM_STATS) and s["num_steps"] is None
+    path = stats.write(tmp_path / "ckpt" / "stats.json", s)
+    assert stats.read(path) == s
+    stats.check(s, "quantile", 8, 8, "openpi")
+    # Our normalizers from them compute openpi's transforms.Normalize (quantile and z-score).
+    x = np.random.default_rng(0).normal(size=(5, 8))
+    st = {k: np.asarray(v, np.float64) for k, v in raw["state"].items()}
+    np.testing.assert_allclose(normalize.normalizers(s, "quantile")["state"].normalize(x),
+                               (x - st["q01"]) / (st["q99"] - st["q01"] + 1e-6) * 2.0 - 1.0,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(normalize.normalizers(s, "meanstd")["state"].normalize(x),
+                               (x - st["mean"]) / (st["std"] + 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_from_openpi_without_quantiles_serves_meanstd_only(tmp_path):
+    entry = {"mean": [0.0, 1.0], "std": [1.0, 2.0], "q01": None, "q99": None}
+    path = tmp_path / "norm_stats.json"
+    path.write_text(json.dumps({"norm_stats": {"state": entry, "actions": entry}}))
+    s = stats.from_openpi(str(path))
+    assert s["state"]["q01"] is None and s["actions"]["std"] == [1.0, 2.0]
+    stats.check(s, "meanstd", 2, 2, "here")
+    with pytest.raises(ValueError, match=r"here: state has no \['q01', 'q99'\]"):
+        stats.check(s, "quantile", 2, 2, "here")
+    with pytest.raises(ValueError, match=r"here: statistics have dims \{'state': 2, 'actions': 2\}, "
+                                         r"the dataset has \{'state': 3, 'actions': 2\}"):
+        stats.check(s, "meanstd", 3, 2, "here")
+    path.write_text(json.dumps({"state": entry}))
+    with pytest.raises(ValueError, match="norm_stats.json: not an openpi norm_stats.json"):
+        stats.from_openpi(path)
+
+
+def test_source_stats_file_is_resolved_like_other_paths():
+    data = specs.build(tiny_config()).data
+    data = dataclasses.replace(data, root="/data")
+    src = data.source("metaworld")
+    assert data.stats_file(src) == "/data/metaworld_rlds/stats.json"
+    for given, resolved in (("ckpt/stats.json", "/data/ckpt/stats.json"),
+                            ("/abs/stats.json", "/abs/stats.json"),
+                            ("gs://b/stats.json", "gs://b/stats.json")):
+        assert data.stats_file(dataclasses.replace(src, stats=given)) == resolved
+
+
+def _stats_source_config(root: str, stats_file: str):
+    config = tiny_config()
+    config.data.root = root
+    entry = dict(config.data.sources.metaworld.to_dict(), stats=stats_file)
+    config.data.sources = {"metaworld": entry}
+    config.batch_size = 8
+    return config
+
+
+def test_source_stats_replace_the_datasets_and_must_match_its_dims(generated_root, tmp_path):
+    own = stats.load_stats(f"{generated_root}/metaworld_rlds")
+    theirs = json.loads(json.dumps(own))
+    theirs["actions"]["q01"] = [v - 1.0 for v in own["actions"]["q01"]]
+    given = stats.write(tmp_path / "checkpoint_stats.json", theirs)
+    it = pipeline.make_pipeline(specs.build(_stats_source_config(generated_root, given)).data,
+                                process_index=0, process_count=1)
+    assert it.stats["metaworld"] == theirs  # what checkpoints and bundles carry
+    np.testing.assert_allclose(it.normalizers["metaworld"]["actions"].normalize(
+        np.asarray(theirs["actions"]["q01"])), -1.0, atol=1e-5)
+    # A file of other dims fails at startup, naming the source, the file and both dims.
+    for key in stats.KEYS:
+        theirs[key] = {k: v if v is None else v[:3] for k, v in own[key].items() if k != "count"}
+    wrong = stats.write(tmp_path / "wrong_dims.json", theirs)
+    with pytest.raises(ValueError, match=(
+            r"sources\.metaworld .*source 'metaworld' \(statistics .*wrong_dims\.json\): "
+            r"statistics have dims \{'state': 3, 'actions': 3\}, the dataset has "
+            r"\{'state': 4, 'actions': 4\}")):
+        pipeline.make_pipeline(specs.build(_stats_source_config(generated_root, wrong)).data,
+                               process_index=0, process_count=1)

@@ -239,10 +239,12 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert float(sched(100)) == pytest.approx(0.1) and float(sched(55)) < 1.0
 
 
-def test_init_from_loads_parameters_and_accumulation_runs(trained, generated_root, tmp_path):
-    """A run started from another's parameters (π0.5 stage 2), with two microbatches per step."""
+def test_init_from_a_run_loads_parameters_and_accumulation_runs(trained, generated_root, tmp_path):
+    """A run started from another's newest parameters (π0.5 stage 2: config.init of format vla),
+    with two microbatches per step."""
     source, _, _ = trained
-    c = small_config(generated_root, total_steps=1, eval_batches=0, init_from=source, batch_size=16,
+    c = small_config(generated_root, total_steps=1, eval_batches=0, batch_size=16,
+                     init=(dict(format="vla", path=source),),
                      **{"optimizer.lr": 0.0,  # a zero step: the parameters stay as loaded
                         "optimizer.grad_accum_steps": 2})
     final = train_lib.train(train_lib.prepare(c, str(tmp_path)))

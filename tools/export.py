@@ -4,7 +4,9 @@
         [--batch_size 1] [--platforms cpu,cuda] [--overwrite]
 
 The parameters (the EMA when the run kept one) are restored onto one device, whatever mesh
-trained them, and cast to --dtype; the action sampler is exported at --batch_size for
+trained them, a LoRA run's adapters are merged into their weights (vla.models.lora.merge_lora:
+the bundle's model has none, so vla.policy and vla.serve need no LoRA code), and cast to
+--dtype; the action sampler is exported at --batch_size for
 --platforms (default: this machine's backend; lowering for another works without its hardware).
 Then: `python -m vla.serve --bundle BUNDLE`, or `vla.policy.Policy.from_bundle(BUNDLE)`.
 """

@@ -6,8 +6,10 @@ Layout of BUNDLE/:
 
     params/                  Orbax PyTree checkpoint of the parameters (the EMA when the run kept
                              one), cast to metadata["dtype"]: a nested dict with string keys
-                             ({"decoder": {"experts": {"0": {...}}}, "vit": {...}, ...})
-    config.json              the run's resolved config (model.param_dtype = the bundle's dtype)
+                             ({"decoder": {"experts": {"0": {...}}}, "vit": {...}, ...}); a LoRA
+                             run's adapters are merged into their weights (vla/models/lora.py)
+    config.json              the run's resolved config (model.param_dtype = the bundle's dtype,
+                             model.lora_rank = 0: the bundle's model has no adapters)
     metadata.json            `describe` (what a client needs: cameras, image size, native state
                              and action dims, horizon, control rate, normalization statistics,
                              ...) plus step, data mixture, code version, dtypes and `signature`
@@ -62,7 +64,9 @@ from configs import specs as specs_lib
 from data import fast_targets, rlds, storage
 from data.layout import Layout
 from data.spec import DataSpec
+from vla import optimizer as optimizer_lib
 from vla.checkpoint import restore_state_entry
+from vla.models import lora
 from vla.models.vla import VLA, VLAConfig
 
 PARAMS_DIR = "params"
@@ -228,6 +232,20 @@ class _RunCheckpoints:
     def restore(self, step: int, key: str, target: Any) -> Any:
         return restore_state_entry(self._mngr, step, key, target)
 
+    def weights(self, step: int, target: dict) -> tuple[dict, str]:
+        """(the weights to deploy onto target's structure, shapes and dtypes, weights_key).
+
+        The EMA holds only what trained (vla/train.py; all of it in runs without frozen
+        parameters): its parameters replace those of "params", which supplies the rest."""
+        key = self.weights_key(step)
+        if key == "params":
+            return self.restore(step, "params", target), key
+        saved = set(jax.tree.leaves(optimizer_lib.param_paths(self._mngr.item_metadata(step)["state"].tree["ema"])))
+        averaged = jax.tree.map(lambda path: path in saved, optimizer_lib.param_paths(target))
+        rest = optimizer_lib.select(target, jax.tree.map(lambda a: not a, averaged))
+        weights = optimizer_lib.overlay(target, self.restore(step, "params", rest)) if rest else target
+        return optimizer_lib.overlay(weights, self.restore(step, key, optimizer_lib.select(target, averaged))), key
+
     def close(self) -> None:
         self._mngr.close()
 
@@ -281,15 +299,20 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         config.model.param_dtype = dtype
         spec = specs_lib.build(config)
         description = describe(spec, ckpt_metadata)
-        key = run.weights_key(step)
-        progress(f"restoring {key} of step {step} from {workdir} onto {jax.devices()[0]} as {dtype}")
-        graphdef, abstract = abstract_model(model_spec(spec, ckpt_metadata))
+        model = model_spec(spec, ckpt_metadata)
+        progress(f"restoring {run.weights_key(step)} of step {step} from {workdir} onto {jax.devices()[0]} "
+                 f"as {dtype}")
+        _, abstract = abstract_model(model)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=device),
-                              abstract)
-        params = string_keys(run.restore(step, key, target))
+        params, key = run.weights(step, _restore_target(abstract, dtype, device))
     finally:
         run.close()
+    if model.lora_rank:
+        progress(f"merging the LoRA adapters (rank {model.lora_rank}) into their weights")
+    params, model = lora.merge_lora(params, model)
+    params = string_keys(params)
+    graphdef, _ = abstract_model(model)
+    config.model.lora_rank, config.model.lora_targets = model.lora_rank, model.lora_targets
 
     # Written complete beside `out`, then renamed into place; a gs:// bundle is written locally
     # and uploaded, its metadata last: a bundle without metadata.json is refused as incomplete.
@@ -332,6 +355,15 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         raise
     progress(f"bundle written to {out}")
     return out
+
+
+def _restore_target(abstract: dict, dtype: str, device: jax.sharding.Sharding) -> dict:
+    """What the bundle's weights are read as: `dtype` on one device, LoRA adapters in fp32 (the
+    merge computes W + s A B in fp32 and casts it to W's dtype)."""
+    return {key: _restore_target(value, dtype, device) if isinstance(value, dict) else
+            jax.ShapeDtypeStruct(value.shape, jnp.float32 if lora.is_adapter(str(key)) else jnp.dtype(dtype),
+                                 sharding=device)
+            for key, value in abstract.items()}
 
 
 def _copy_data_files(data: DataSpec, ckpt_metadata: dict, description: dict, out: str) -> None:

@@ -42,6 +42,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        return sorted(self._mngr.all_steps())
+
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
              metadata: dict[str, Any]) -> None:
         """Starts an asynchronous save; the previous one, if still running, finishes first."""

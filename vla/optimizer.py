@@ -1,9 +1,14 @@
 """The optimizer of a run: AdamW, linear warmup + cosine decay, global-norm clipping, no weight
-decay on norms/biases/embeddings, frozen parameters by regex, and an EMA of the weights.
+decay on norms/biases/embeddings, frozen parameters, and an EMA of the trained weights.
 
 Parameters are the model's pure dict ({"decoder": {"embedder": array, ...}}); a parameter's path
-is its keys joined by "/" ("decoder/experts/0/q_einsum"). OptimizerSpec.freeze holds regexes
-(re.search) over these paths; a frozen parameter gets a zero update and no optimizer moments.
+is its keys joined by "/" ("decoder/experts/0/q_einsum"). Freezing has one rule,
+`trainable_mask`: when the model holds LoRA adapters (vla/models/lora.py) only they train;
+OptimizerSpec.freeze's regexes (re.search over paths) freeze more on top. A frozen parameter
+gets a zero update and no optimizer moments (optax.multi_transform keeps AdamW's state for the
+trainable leaves only); the trainer differentiates and averages (EMA) only the `select`ed
+trainable subtree, so frozen weights cost neither a gradient nor an EMA copy. (With LoRA the
+EMA averages A and B each, so the merged EMA weights are W + s avg(A) avg(B), not avg(W + s A B).)
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from vla.models import lora
 
 Params = Any  # a pytree of arrays keyed by parameter name
 
@@ -53,14 +60,37 @@ def decay_mask(params: Params) -> Params:
 
 
 def trainable_mask(params: Params, freeze: Sequence[str]) -> Params:
-    """True where a parameter trains; a freeze pattern matching no parameter is a config error."""
+    """True where a parameter trains: every one, or only the LoRA adapters when there are any,
+    less those a freeze pattern matches. A freeze pattern matching no parameter is a config error."""
     paths = param_paths(params)
     all_paths = jax.tree.leaves(paths)
     for pattern in freeze:
         if not any(re.search(pattern, p) for p in all_paths):
             raise ValueError(f"config.optimizer.freeze pattern {pattern!r} matches no parameter; "
                              f"paths look like {all_paths[:3]}")
-    return jax.tree.map(lambda p: not any(re.search(f, p) for f in freeze), paths)
+    adapters_only = any(lora.is_adapter(p) for p in all_paths)
+    return jax.tree.map(lambda p: (lora.is_adapter(p) or not adapters_only)
+                        and not any(re.search(f, p) for f in freeze), paths)
+
+
+def select(tree: dict, mask: dict) -> dict:
+    """The subtree of a nested dict where mask (same structure, bool leaves) is True; emptied
+    branches are dropped, so an all-True mask gives the tree itself (same structure)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            sub = select(value, mask[key])
+            if sub:
+                out[key] = sub
+        elif mask[key]:
+            out[key] = value
+    return out
+
+
+def overlay(tree: dict, subtree: dict) -> dict:
+    """tree with the leaves of subtree (a `select`ion of a tree of its structure) in their place."""
+    return {key: (overlay(value, subtree[key]) if isinstance(value, dict) else subtree[key])
+            if key in subtree else value for key, value in tree.items()}
 
 
 def learning_rate(spec: OptimizerSpec) -> optax.Schedule:
@@ -72,20 +102,21 @@ def learning_rate(spec: OptimizerSpec) -> optax.Schedule:
 
 
 def make_optimizer(spec: OptimizerSpec, params: Params) -> optax.GradientTransformation:
-    """AdamW with clipping over the trainable parameters; frozen ones are left untouched."""
+    """AdamW with clipping over the trainable parameters (`trainable_mask`); frozen ones get zero
+    updates and no moments. Takes and returns trees of the whole parameter structure."""
     adamw = optax.chain(
         optax.clip_by_global_norm(spec.clip_norm),
         optax.adamw(learning_rate(spec), b1=spec.b1, b2=spec.b2, eps=spec.eps,
                     weight_decay=spec.weight_decay, mask=decay_mask(params)))
-    freeze = spec.freeze
-    if not freeze:
+    mask = trainable_mask(params, spec.freeze)
+    if all(jax.tree.leaves(mask)):
         return adamw
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, freeze))
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_update(ema: Params, params: Params, decay: float, step: jax.Array) -> Params:
-    """One step of the exponential moving average of the parameters. The decay ramps up as
+    """One step of the exponential moving average of the (trainable) parameters. The decay ramps up as
     (1 + step) / (10 + step) until it reaches `decay`, so early evaluations of the EMA are not
     dominated by the random initialization."""
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))

@@ -16,7 +16,8 @@ An inference builds the model's inputs exactly as the training pipeline builds a
      padding); with fewer frames than context_frames the missing past ones are masked
   2. state normalized with the source's statistics (data/normalize.py), padded to the model's
   3. the prompt tokenized by data/prompt.build_tokens: π0 "prompt\\n"; π0.5 "Task: prompt, State:
-     <bins>;\\n" with the normalized state discretized into the prompt
+     <bins>;\\n" with the normalized state discretized into the prompt (in the run's
+     data.prompt_format: "openpi" writes openpi's prompts, the bins as decimal text)
   4. π0.5 trained on subtasks: greedy decoding after the prompt gives "Subtask: ...\\n"; the
      subtask then goes in as the text target the actions were trained to follow (with "Action: |"
      around the FAST ids, which the action expert never sees, when the run had FAST targets)
@@ -103,7 +104,7 @@ class Policy:
         if metadata["actions_from"] == "fast":
             fast = _load_fast(os.path.join(path, bundle_lib.DATASETS_DIR, metadata["source"]), metadata)
         return cls(spec, graphdef, bundle_lib.read_params(path, device), metadata,
-                   _tokenizer(os.path.join(path, bundle_lib.TOKENIZER_FILE), metadata), fast,
+                   _tokenizer(os.path.join(path, bundle_lib.TOKENIZER_FILE), metadata, spec), fast,
                    seed=seed, warmup=warmup)
 
     @classmethod
@@ -120,7 +121,7 @@ class Policy:
             data = bundle_lib.data_as_run_saw_it(spec.data, dict(metadata))
             fast = _load_fast(data.dataset_dir(data.source(description["source"])), description)
         return cls(spec, graphdef, nnx.to_pure_dict(state), description,
-                   _tokenizer(metadata["tokenizer"], description), fast, seed=seed, warmup=warmup)
+                   _tokenizer(metadata["tokenizer"], description, spec), fast, seed=seed, warmup=warmup)
 
     def warmup(self) -> None:
         """Compiles every path inference takes (plain and guided sampling, text decoding) with a
@@ -224,7 +225,7 @@ class Policy:
             raise ValueError(f"state has non-finite values: {state.tolist()}")
         state = self._norm["state"].normalize(state.astype(np.float32))
         example["state"] = pad_state(state, lay.state_dim)
-        bins = prompt_lib.discretize_state(state) if lay.pi05 else None
+        bins = prompt_lib.state_bins(state, self.spec.data.prompt_format) if lay.pi05 else None
         prompt = observation["prompt"]
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")  # noqa: TRY004
@@ -240,7 +241,8 @@ class Policy:
         the visible part of their target ("Action: |", the FAST ids being hidden from actions)."""
         fast = [] if self.metadata["fast_targets"] else None
         return prompt_lib.build_tokens(self._tokenizer, text, subtask, self._layout.max_len,
-                                       state_bins=bins, fast_tokens=fast)
+                                       state_bins=bins, fast_tokens=fast,
+                                       prompt_format=self.spec.data.prompt_format)
 
     def _action_tokens(self, text: str, bins: np.ndarray | None, subtask: str | None
                        ) -> tuple[dict[str, np.ndarray], str | None]:
@@ -263,7 +265,8 @@ class Policy:
     def _decode(self, example: dict, text: str, bins: np.ndarray | None) -> np.ndarray:
         """Greedy text after the prompt (π0.5 targets: subtask, FAST actions): model ids int [n],
         those outside the tokenizer's range dropped (an embedding may have spare rows)."""
-        out = prompt_lib.build_tokens(self._tokenizer, text, None, self._layout.max_len, state_bins=bins)
+        out = prompt_lib.build_tokens(self._tokenizer, text, None, self._layout.max_len, state_bins=bins,
+                                      prompt_format=self.spec.data.prompt_format)
         batch = _batched({**example, **{k: out[k] for k in ("tokens", "token_mask", "target_mask")}})
         tokens, mask = (np.asarray(x)[0] for x in self._generate(self._params, batch))
         ids = tokens[mask]
@@ -326,11 +329,10 @@ def _batched(example: dict) -> dict:
     return jax.tree.map(lambda x: np.asarray(x)[None], example)
 
 
-def _tokenizer(path: str, metadata: Mapping[str, Any]) -> Tokenizer:
-    """The run's tokenizer, its FAST id range as wide as the model was trained with."""
-    base = Tokenizer(path)
-    n_fast = int(metadata["tokenizer_vocab_size"]) - base.vocab_size
-    return Tokenizer(path, n_fast_tokens=n_fast) if n_fast > 0 else base
+def _tokenizer(path: str, metadata: Mapping[str, Any], spec: specs_lib.RunSpec) -> Tokenizer:
+    """The run's tokenizer, in its id layout, its FAST id range as wide as the model was trained with."""
+    return Tokenizer.as_trained(path, spec.data.prompt_format, int(metadata["tokenizer_vocab_size"]),
+                                metadata.get("fast_token_start"))
 
 
 def _load_fast(dataset_dir: str, metadata: Mapping[str, Any]) -> fast_targets.FastActions:

@@ -39,6 +39,7 @@ DEFAULT_RULES = (
     ("layers", None),
     ("pos", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters' rank (vla/models/lora.py): a few dims, never split
 )
 
 

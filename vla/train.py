@@ -52,6 +52,7 @@ from vla.checkpoint import Checkpointer, abstract_like
 from vla.evaluator import EvalHook, Evaluator
 from vla.metrics import MetricsWriter, read_rows
 from vla.models.vla import LOSSES, SCALAR_METRICS, VLA, VLAConfig, per_source_key
+from vla.weights import load as weights
 
 Batch = dict[str, Any]
 State = dict[str, Any]
@@ -96,13 +97,15 @@ def microbatches(batch: Batch, n: int) -> Batch:
 def init_state(optimizer: optimizer_lib.OptimizerSpec, mesh: jax.sharding.Mesh,
                tx: optax.GradientTransformation, params: Any) -> State:
     """Optimizer state and EMA next to the (already sharded) parameters; the shardings of the
-    moments follow the parameters'."""
+    moments follow the parameters'. The EMA covers the trainable parameters only (a frozen one's
+    average is itself): `optimizer_lib.overlay(params, ema)` are the averaged weights."""
     ema_on = optimizer.ema_decay > 0
 
     def build(params):
         state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         if ema_on:
-            state["ema"] = jax.tree.map(jnp.copy, params)
+            trainable = optimizer_lib.trainable_mask(params, optimizer.freeze)
+            state["ema"] = jax.tree.map(jnp.copy, optimizer_lib.select(params, trainable))
         return state
 
     with jax.set_mesh(mesh):
@@ -121,8 +124,10 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
     accum = optimizer.grad_accum_steps
     schedule = optimizer_lib.learning_rate(optimizer)
 
-    def loss_fn(params, batch, rng):
-        return nnx.merge(graphdef, params).loss(batch, rng, num_sources)
+    def loss_fn(trainable, params, batch, rng):
+        """The loss as a function of the trainable subtree: no gradient of a frozen weight is
+        ever computed (with LoRA, the backward pass runs for activations and adapters only)."""
+        return nnx.merge(graphdef, optimizer_lib.overlay(params, trainable)).loss(batch, rng, num_sources)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -134,29 +139,36 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
     def train_step(state: State, batch: Batch) -> tuple[State, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         params = state["params"]
+        mask = optimizer_lib.trainable_mask(params, optimizer.freeze)
+        trainable = optimizer_lib.select(params, mask)
         if accum == 1:
-            (_, m), grads = grad_fn(params, batch, rng)
+            (_, m), grads = grad_fn(trainable, params, batch, rng)
             scalars = {k: m[k] for k in SCALAR_METRICS}
             per_source = sums(m)
         else:
             def body(carry, xs):
                 i, micro = xs
-                (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
+                (_, m), g = grad_fn(trainable, params, micro, jax.random.fold_in(rng, i))
                 step_out = (g, {k: m[k] for k in SCALAR_METRICS}, sums(m))
                 return jax.tree.map(jnp.add, carry, step_out), None
 
-            first = (jax.tree.map(jnp.zeros_like, params),
+            first = (jax.tree.map(jnp.zeros_like, trainable),
                      {k: jnp.zeros((), jnp.float32) for k in SCALAR_METRICS},
                      {name: (jnp.zeros((num_sources,), jnp.float32),) * 2 for name in LOSSES})
             (grads, scalars, per_source), _ = jax.lax.scan(
                 body, first, (jnp.arange(accum), microbatches(batch, accum)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             scalars = jax.tree.map(lambda s: s / accum, scalars)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_state = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state)
+        # The optimizer takes whole trees: frozen leaves get zero gradients (constants it
+        # discards) and their parameters pass through untouched.
+        all_grads = optimizer_lib.overlay(jax.tree.map(jnp.zeros_like, params), grads)
+        updates, opt_state = tx.update(all_grads, state["opt_state"], params)
+        updates = optimizer_lib.select(updates, mask)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_state = dict(step=state["step"] + 1, params=optimizer_lib.overlay(params, new_trainable),
+                         opt_state=opt_state)
         if "ema" in state:
-            new_state["ema"] = optimizer_lib.ema_update(state["ema"], new_params, optimizer.ema_decay,
+            new_state["ema"] = optimizer_lib.ema_update(state["ema"], new_trainable, optimizer.ema_decay,
                                                         state["step"])
         metrics = dict(scalars, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
                        lr=schedule(state["step"]), nonfinite_params=_count_nonfinite(new_state))
@@ -282,18 +294,6 @@ def check_model_matches(ckpt: Checkpointer, step: int, params: Any, config: dict
                      f"Use the config it was trained with, or another --workdir.")
 
 
-def load_params(workdir: str, target: Any, config: dict) -> Any:
-    """The newest parameters of another run (init_from), e.g. π0.5 stage 1 -> stage 2."""
-    other = Checkpointer(storage.join(workdir, "checkpoints"), keep=1)
-    step = other.latest_step()
-    if step is None:
-        raise ValueError(f"config.init_from={workdir!r} has no checkpoint")
-    check_model_matches(other, step, target, config, f"config.init_from={workdir!r}")
-    params = other.restore_params(step, target)
-    other.close()
-    return params
-
-
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         (storage.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -321,10 +321,11 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds the specs (refusing knobs that cannot work), opens the data, builds the mesh and
-    the directly sharded state (from init_from or the newest checkpoint in workdir) and jits
-    the train step."""
+    the directly sharded state (the newest checkpoint in workdir, or a new one with config.init's
+    weight sources applied; their report goes to WORKDIR/init.json) and jits the train step."""
     spec = specs_lib.build(config)
     specs_lib.validate_training(spec)
+    weights.check_prompt_format(spec.train.init, spec.data.prompt_format)
     storage.check_writable(workdir)  # a bad URL or bucket fails here, before any work
     if spec.data.root is not None:  # a gs:// root staged once, for the train and held-out pipelines
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=storage.stage(spec.data.root)))
@@ -349,8 +350,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         if start:
             check_model_matches(ckpt, start, abstract_like(params), config_dict,
                                 f"the checkpoint in {storage.join(workdir, 'checkpoints')}")
-        elif spec.train.init_from:
-            params = load_params(spec.train.init_from, abstract_like(params), config_dict)
+        elif spec.train.init:
+            params, reports = weights.init_params(spec.train.init, spec.model, params)
+            if jax.process_index() == 0:
+                (storage.path(workdir) / "init.json").write_text(json.dumps(reports, indent=2) + "\n")
         tx = optimizer_lib.make_optimizer(spec.optimizer, params)
         state = init_state(spec.optimizer, mesh, tx, params)
         del params
@@ -439,7 +442,8 @@ def _loop(run: Run, evaluator: Evaluator | None, writer: MetricsWriter) -> dict[
         interval.reset()
 
     def run_evaluation(step):
-        results = evaluator(step, state.get("ema", state["params"]))
+        results = evaluator(step, optimizer_lib.overlay(state["params"], state["ema"]) if "ema" in state
+                            else state["params"])
         writer.write(step, results)
         if chief:
             tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))

@@ -12,9 +12,13 @@ zero-initialized scale/shift/gate computed from a conditioning vector, with gate
 
 Parameter layout follows big_vision's Gemma (q_einsum [N, W, D], kv_einsum [2, K, W, D],
 attn_vec_einsum [N, D, W], gating_einsum [2, W, M], linear [M, W]), stacked over layers.
+
+An expert may carry low-rank adapters on these five projections (vla/models/lora.py), applied on
+the activations inside the scanned layer body.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -23,23 +27,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vla.models import layers as L
+from vla.models import lora as lora_lib
 from vla.models.variants import GemmaVariant
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [layers, B, S, K, D] each (post-RoPE)
 
 
 class ExpertWeights(nnx.Module):
-    """One expert's weights for all layers (stacked on a leading "layers" axis)."""
+    """One expert's weights for all layers (stacked on a leading "layers" axis), with the
+    adapters `lora` names ("<weight>_lora_a" / "_lora_b", vla/models/lora.py)."""
 
-    def __init__(self, v: GemmaVariant, adarms_cond_dim: int | None, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, v: GemmaVariant, adarms_cond_dim: int | None, *, rngs: nnx.Rngs, param_dtype,
+                 lora: lora_lib.LoRASpec | None = None, lora_rngs: nnx.Rngs | None = None):
         w, m, n, k, d, depth = v.width, v.mlp_dim, v.num_heads, v.num_kv_heads, v.head_dim, v.depth
-        self.variant, self.adarms = v, adarms_cond_dim is not None
+        self.variant, self.adarms, self.lora = v, adarms_cond_dim is not None, lora
         stack = lambda init, shape, names: L.param(rngs, init, (depth, *shape), ("layers", *names), param_dtype)
-        self.q_einsum = stack(L.fan_in_init([2]), (n, w, d), ("heads", "embed", "head_dim"))
-        self.kv_einsum = stack(L.fan_in_init([3]), (2, k, w, d), (None, "kv_heads", "embed", "head_dim"))
-        self.attn_vec_einsum = stack(L.fan_in_init([1, 2]), (n, d, w), ("heads", "head_dim", "embed"))
-        self.gating_einsum = stack(L.fan_in_init([2]), (2, w, m), (None, "embed", "mlp"))
-        self.linear = stack(L.fan_in_init([1]), (m, w), ("mlp", "embed"))
+        projections = {  # name -> (init, per-layer shape, logical names)
+            "q_einsum": (L.fan_in_init([2]), (n, w, d), ("heads", "embed", "head_dim")),
+            "kv_einsum": (L.fan_in_init([3]), (2, k, w, d), (None, "kv_heads", "embed", "head_dim")),
+            "attn_vec_einsum": (L.fan_in_init([1, 2]), (n, d, w), ("heads", "head_dim", "embed")),
+            "gating_einsum": (L.fan_in_init([2]), (2, w, m), (None, "embed", "mlp")),
+            "linear": (L.fan_in_init([1]), (m, w), ("mlp", "embed")),
+        }
+        for name, (init, shape, names) in projections.items():
+            setattr(self, name, stack(init, shape, names))
+        for name in sorted(lora.weights if lora else ()):
+            _, shape, names = projections[name]
+            a, b = lora_lib.init_adapter(lora_rngs, lora_lib.EXPERT_WEIGHTS[name], (depth, *shape),
+                                         ("layers", *names), lora.rank, param_dtype)
+            setattr(self, name + lora_lib.A_SUFFIX, a)
+            setattr(self, name + lora_lib.B_SUFFIX, b)
         if self.adarms:
             c = adarms_cond_dim
             self.pre_attention_mod_kernel = stack(L.zeros, (c, 3 * w), (None, "embed"))
@@ -55,6 +72,8 @@ class ExpertWeights(nnx.Module):
 
     def layer_params(self) -> dict[str, jax.Array]:
         names = ["q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear"]
+        names += [name + suffix for name in sorted(self.lora.weights if self.lora else ())
+                  for suffix in (lora_lib.A_SUFFIX, lora_lib.B_SUFFIX)]
         names += (["pre_attention_mod_kernel", "pre_attention_mod_bias", "pre_ffw_mod_kernel", "pre_ffw_mod_bias"]
                   if self.adarms else ["pre_attention_norm", "pre_ffw_norm"])
         return {name: getattr(self, name)[...] for name in names}
@@ -85,11 +104,14 @@ class Decoder(nnx.Module):
     """Joint-attention decoder over one token stream per expert.
 
     Shapes: stream e is [B, S_e, W_e]; positions [B, sum S_e]; mask [B, sum S_e, S_cache + sum S_e].
+    lora: per expert, its adapters (None: none); they draw their initialization from a stream of
+    their own, so the base weights are the same with or without them.
     """
 
     def __init__(self, variants: Sequence[GemmaVariant], vocab_size: int, *, rngs: nnx.Rngs,
                  adarms_cond_dims: Sequence[int | None] | None = None, param_dtype=jnp.float32,
-                 compute_dtype=jnp.float32, scan: bool = True, remat_policy: str = "nothing_saveable"):
+                 compute_dtype=jnp.float32, scan: bool = True, remat_policy: str = "nothing_saveable",
+                 lora: Sequence[lora_lib.LoRASpec | None] | None = None):
         first = variants[0]
         for v in variants[1:]:
             if (v.depth, v.num_heads, v.num_kv_heads, v.head_dim) != (first.depth, first.num_heads,
@@ -98,12 +120,15 @@ class Decoder(nnx.Module):
         if first.num_heads % first.num_kv_heads:
             raise ValueError(f"{first.num_heads} heads are not a multiple of {first.num_kv_heads} KV heads")
         adarms_cond_dims = adarms_cond_dims or [None] * len(variants)
+        lora = lora or [None] * len(variants)
         self.variants, self.vocab_size = tuple(variants), vocab_size
         self.compute_dtype, self.scan, self.remat_policy = compute_dtype, scan, remat_policy
         self.embedder = L.param(rngs, nnx.initializers.normal(first.width**-0.5), (vocab_size, first.width),
                                 ("vocab", "embed"), param_dtype)
-        self.experts = nnx.List([ExpertWeights(v, c, rngs=rngs, param_dtype=param_dtype)
-                                 for v, c in zip(variants, adarms_cond_dims)])
+        self.experts = nnx.List([
+            ExpertWeights(v, c, rngs=rngs, param_dtype=param_dtype, lora=spec,
+                          lora_rngs=lora_lib.adapter_rngs(rngs, e) if spec else None)
+            for e, (v, c, spec) in enumerate(zip(variants, adarms_cond_dims, lora))])
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens int32 [B, S] -> [B, S, W_0], scaled by sqrt(W_0) as in Gemma."""
@@ -141,16 +166,18 @@ class Decoder(nnx.Module):
         # Rows are independent in softmax, so splitting the queries of expert 0 from the others
         # changes nothing numerically; it lets the others read stop-gradient VLM keys/values.
         insulate = insulate and active[0] == 0 and len(active) > 1
+        scales = [expert.lora.scale if expert.lora else None for expert in self.experts]
 
         def body(carry, xs):
             x_list = carry
             layer_params, cache = xs
             qs, ks, vs, gates = [], [], [], []
             for x, e, p in zip(x_list, active, layer_params):
+                proj = functools.partial(lora_lib.project, p=p, scale=scales[e], dtype=dt)
                 h, gate = _norm(x, p, "pre_attention_", adarms_cond[e])
                 gates.append(gate)
-                qs.append(jnp.einsum("bsw,nwd->bsnd", h, p["q_einsum"].astype(dt)))
-                kv = jnp.einsum("bsw,ckwd->cbskd", h, p["kv_einsum"].astype(dt))
+                qs.append(proj("bsw,nwd->bsnd", h, name="q_einsum"))
+                kv = proj("bsw,ckwd->cbskd", h, name="kv_einsum")
                 ks.append(kv[0])
                 vs.append(kv[1])
             q = L.apply_rope(jnp.concatenate(qs, axis=1), positions) * jnp.asarray(head_dim**-0.5, dt)
@@ -168,11 +195,12 @@ class Decoder(nnx.Module):
                 attn = L.attention(q, k, v, mask)
             new_x = []
             for x, e, p, a, gate in zip(x_list, active, layer_params, jnp.split(attn, splits, axis=1), gates):
-                x = _residual(x, jnp.einsum("bsnd,ndw->bsw", a, p["attn_vec_einsum"].astype(dt)), gate)
+                proj = functools.partial(lora_lib.project, p=p, scale=scales[e], dtype=dt)
+                x = _residual(x, proj("bsnd,ndw->bsw", a, name="attn_vec_einsum"), gate)
                 h, gate = _norm(x, p, "pre_ffw_", adarms_cond[e])
-                gate_up = jnp.einsum("bsw,cwm->cbsm", h, p["gating_einsum"].astype(dt))
+                gate_up = proj("bsw,cwm->cbsm", h, name="gating_einsum")
                 h = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
-                x = _residual(x, h @ p["linear"].astype(dt), gate)
+                x = _residual(x, proj("bsm,mw->bsw", h, name="linear"), gate)
                 new_x.append(L.constrain_tokens(x))
             return new_x, (k_new, v_new)
 

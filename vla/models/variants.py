@@ -1,7 +1,17 @@
-"""Named model sizes: the model-size knob.
+"""Model sizes: the model-size knob, as named variants or any custom shape.
 
 ViT names follow big_vision ("So400m/14": width/depth/MLP/heads of SigLIP So400m, patch 14).
 Gemma names follow openpi (gemma_2b = the PaliGemma LLM, gemma_300m = π0's action expert).
+
+A variant string may change fields of a named one, or give every field itself, so a checkpoint of
+any shape has a config (knobs.vit, knobs.vlm, knobs.action_expert stay plain strings: they
+sweep, override on the command line and round-trip through config.json):
+
+    "So400m/14"                                            a named ViT
+    "mu/14,depth=2,mlp_dim=128"                            a named ViT with two fields changed
+    "width=32,depth=2,mlp_dim=128,num_heads=2,patch=14"    a ViT of its own
+    "gemma_2b,depth=6"                                     a shallower PaliGemma LLM
+    "width=64,depth=4,mlp_dim=128,num_heads=8,num_kv_heads=1,head_dim=16"
 """
 from __future__ import annotations
 
@@ -51,15 +61,58 @@ GEMMA_VARIANTS = {
 }
 
 
-def vit_variant(name: str) -> ViTVariant:
-    """"So400m/14", "B/16", "S/16", "mu/8", "tiny/8": any known shape with any patch size."""
-    shape, _, patch = name.partition("/")
-    if shape not in _VIT_SHAPES or not patch.isdigit():
-        raise ValueError(f"unknown ViT variant {name!r}; expected '<{'|'.join(_VIT_SHAPES)}>/<patch>'")
-    return ViTVariant(*_VIT_SHAPES[shape], patch=int(patch))
+def vit_variant(spec: str) -> ViTVariant:
+    """"So400m/14", "B/16", "S/16", "mu/8", "tiny/8" (any known shape with any patch size), with
+    optional ",field=value" changes, or every field given as "field=value,..."."""
+    def named(name: str) -> ViTVariant:
+        shape, _, patch = name.partition("/")
+        if shape not in _VIT_SHAPES or not patch.isdigit():
+            raise ValueError(f"unknown ViT variant {spec!r}; expected '<{'|'.join(_VIT_SHAPES)}>/<patch>' "
+                             f"or {_all_fields(ViTVariant)}")
+        return ViTVariant(*_VIT_SHAPES[shape], patch=int(patch))
+
+    return _parse(spec, ViTVariant, named)
 
 
-def gemma_variant(name: str) -> GemmaVariant:
-    if name not in GEMMA_VARIANTS:
-        raise ValueError(f"unknown Gemma variant {name!r}; choose from {sorted(GEMMA_VARIANTS)}")
-    return GEMMA_VARIANTS[name]
+def gemma_variant(spec: str) -> GemmaVariant:
+    """A GEMMA_VARIANTS name with optional ",field=value" changes, or every field given."""
+    def named(name: str) -> GemmaVariant:
+        if name not in GEMMA_VARIANTS:
+            raise ValueError(f"unknown Gemma variant {spec!r}; choose from {sorted(GEMMA_VARIANTS)} "
+                             f"or give {_all_fields(GemmaVariant)}")
+        return GEMMA_VARIANTS[name]
+
+    return _parse(spec, GemmaVariant, named)
+
+
+def describe(variant: ViTVariant | GemmaVariant) -> str:
+    """The variant string that gives every field: vit_variant / gemma_variant read it back."""
+    return ",".join(f"{f.name}={getattr(variant, f.name)}" for f in dataclasses.fields(variant))
+
+
+def _all_fields(cls: type) -> str:
+    return "'" + ",".join(f"{f.name}=N" for f in dataclasses.fields(cls)) + "'"
+
+
+def _parse(spec: str, cls: type, named):
+    head, *changes = [part.strip() for part in str(spec).split(",")]
+    if "=" in head:  # no name: every field given
+        changes, base = [head, *changes], None
+    else:
+        base = named(head)
+    values, fields = {}, [f.name for f in dataclasses.fields(cls)]
+    for change in changes:
+        key, eq, value = change.partition("=")
+        if not eq or key not in fields or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{cls.__name__} {spec!r}: {change!r} is not field=positive integer "
+                             f"with a field of {fields}")
+        if key in values:
+            raise ValueError(f"{cls.__name__} {spec!r}: {key} is given twice")
+        values[key] = int(value)
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    missing = [f for f in fields if f not in values]
+    if missing:
+        raise ValueError(f"{cls.__name__} {spec!r} names no variant, so it must give every field; "
+                         f"missing {missing}")
+    return cls(**values)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from vla.models import layers as L
+from vla.models import lora
 from vla.models.gemma import Decoder
 from vla.models.siglip import SigLIP
 from vla.models.variants import gemma_variant, vit_variant
@@ -70,12 +71,17 @@ class VLAConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "nothing_saveable"
     scan_layers: bool = True
+    # Low-rank adapters (vla/models/lora.py): rank 0 = off; targets: regexes over expert weight paths.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
         vit = vit_variant(self.vit)
         gemma_variant(self.vlm), gemma_variant(self.action_expert)
+        self.lora_experts()  # a bad rank, alpha or target pattern fails here, in words
         if self.image_size % vit.patch:
             raise ValueError(f"image_size {self.image_size} is not divisible by the ViT patch {vit.patch}")
         if self.context_frames < 1:
@@ -86,6 +92,10 @@ class VLAConfig:
                 raise ValueError(
                     f"past_frame_tokens={self.past_frame_tokens} must be a square s*s with s dividing the "
                     f"{grid}x{grid} patch grid (e.g. {[d * d for d in range(1, grid + 1) if grid % d == 0]})")
+
+    def lora_experts(self) -> tuple[lora.LoRASpec | None, ...]:
+        """The adapters of the VLM and the action expert (None: none)."""
+        return lora.expert_specs(self.lora_rank, self.lora_alpha, self.lora_targets, num_experts=2)
 
     @property
     def image_tokens(self) -> int:
@@ -103,7 +113,8 @@ class VLA(nnx.Module):
         self.vit = SigLIP(vit_variant(cfg.vit), cfg.image_size, vlm.width, rngs=rngs, **common)
         pi05 = cfg.mode == "pi05"
         self.decoder = Decoder([vlm, expert], cfg.vocab_size, rngs=rngs,
-                               adarms_cond_dims=[None, expert.width if pi05 else None], **common)
+                               adarms_cond_dims=[None, expert.width if pi05 else None],
+                               lora=cfg.lora_experts(), **common)
         w = expert.width
         self.action_in_proj = L.Dense(cfg.action_dim, w, (None, "embed"), rngs=rngs, dtype=pd)
         self.action_out_proj = L.Dense(w, cfg.action_dim, ("embed", None), rngs=rngs, dtype=pd)
@@ -207,9 +218,7 @@ class VLA(nnx.Module):
         cfg = self.cfg
         actions = batch["actions"].astype(jnp.float32)
         b = actions.shape[0]
-        noise_rng, time_rng = jax.random.split(rng)
-        eps = jax.random.normal(noise_rng, actions.shape, jnp.float32)
-        t = jax.random.beta(time_rng, 1.5, 1.0, (b,)) * 0.999 + 0.001
+        eps, t = flow_noise(rng, actions.shape)
         x_t = t[:, None, None] * eps + (1.0 - t[:, None, None]) * actions
         prefix = self.embed_prefix(batch)
         if cfg.flow_loss_weight:
@@ -382,6 +391,15 @@ class VLA(nnx.Module):
 
         final = jax.lax.while_loop(cond, body, init)
         return final["out"], final["out_mask"]
+
+
+def flow_noise(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The noise eps [B, H, A] and flow time t [B] of a training step, drawn from `rng` exactly as
+    openpi's compute_loss draws them (the second and third of three splits), so an imported openpi
+    model gives openpi's loss for the same key."""
+    _, noise_rng, time_rng = jax.random.split(rng, 3)
+    eps = jax.random.normal(noise_rng, shape, jnp.float32)
+    return eps, jax.random.beta(time_rng, 1.5, 1.0, shape[:1]) * 0.999 + 0.001
 
 
 def random_batch(cfg: VLAConfig, batch_size: int, seed: int = 0) -> dict[str, Any]:
