@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cameras = placeholder(tuple)  # camera names: the batch's images[cam] keys
     c.model.state_dim = placeholder(int)  # padded proprio dim
     c.model.action_dim = placeholder(int)  # padded action dim
-    # Embedding rows: at least the tokenizer's vocab_size (text pieces + 1280 loc/state tokens + FAST).
+    # Embedding rows: at least the tokenizer's vocab_size (prompt_format "vla": text pieces + the
+    # 1280 loc/state tokens it lacks + FAST; "openpi": the SentencePiece pieces, 257,152 for PaliGemma).
     c.model.vocab_size = placeholder(int)
     c.model.knowledge_insulation = False
     c.model.flow_loss_weight = 1.0
@@ -66,8 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "nothing_saveable"
     c.model.scan_layers = True
     # LoRA (vla/models/lora.py): low-rank adapters W + (alpha / rank) A B on the chosen expert
-    # projections; with any, only adapters train (plus optimizer.freeze) and tools.export merges
-    # them. lora_targets: regexes over "decoder/experts/<e>/<q_einsum|kv_einsum|attn_vec_einsum|
+    # projections; with any, only adapters (and optimizer.also_train) train, less optimizer.freeze,
+    # and tools.export merges them. lora_targets: regexes over "decoder/experts/<e>/<q_einsum|kv_einsum|attn_vec_einsum|
     # gating_einsum|linear>", e.g. ("decoder/experts/1/",) = every projection of the action expert.
     c.model.lora_rank = 0  # 0 = off
     c.model.lora_alpha = 16.0
@@ -143,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.ema_decay = 0.999  # 0 = no EMA; evaluation uses the EMA weights when on
     c.optimizer.grad_accum_steps = 1  # microbatches per step (batch_size is the global batch)
     c.optimizer.freeze = ()  # regexes over parameter paths ("vit/.*", "decoder/experts/0/")
+    # With LoRA, the non-adapter parameters that train too (openpi trains the ViT and the action
+    # and time projections beside the adapters): regexes, e.g. ("vit/", "action_", "state_proj").
+    c.optimizer.also_train = ()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

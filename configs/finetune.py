@@ -9,7 +9,8 @@
                      weights (a random one from tools.make_paligemma where none can be
                      downloaded) start its ViT and VLM
         lora   low-rank adapters on both experts' projections (rank 16, alpha 16, as openpi's
-               gemma_2b_lora); everything else frozen and kept out of the optimizer state
+               gemma_2b_lora); the experts' base weights frozen and kept out of the optimizer
+               state, the ViT and the action / state / time projections trained, as openpi does
 
 The weights are config.init = (dict(format="vla", path="runs/finetune/BASE/weights"),): the
 output of tools.import_weights, which also converts an openpi checkpoint's norm stats (point
@@ -60,5 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.lora_rank = 16
         c.model.lora_alpha = 16.0
         c.model.lora_targets = ("decoder/experts/0/", "decoder/experts/1/")
+        # As openpi: the ViT and the action, state and time projections train in full.
+        c.optimizer.also_train = ("^vit/", "^action_", "^time_mlp_" if base == "pi05" else "^state_proj/")
         c.optimizer.ema_decay = 0.0
     return c

@@ -62,7 +62,9 @@ def sources(tmp_path_factory, generated_root):
 
 @pytest.mark.parametrize("entries, overrides", [
     # openpi first, then the PaliGemma ViT and VLM over it: both leave their mark.
-    ([dict(format="openpi", path="openpi"), dict(format="hf", path="hf", vocab="pad")], {}),
+    # openpi weights come with openpi's prompts.
+    ([dict(format="openpi", path="openpi"), dict(format="hf", path="hf", vocab="pad")],
+     {"data.prompt_format": "openpi"}),
     # A LoRA fine-tune: the sources have no adapters, which keep their (zero-effect) init.
     ([dict(format="big_vision", path="big_vision", vocab="pad"),
       dict(format="vla", path="imported", exclude=("vit/.*",))],
@@ -80,12 +82,14 @@ def test_first_step_loss_is_the_imported_models_loss(sources, generated_root, tm
     params, reports = init_params(spec.train.init, spec.model, nnx.to_pure_dict(state))
     assert [r["format"] for r in reports] == [e["format"] for e in entries]
     assert all(r["imported"] for r in reports)
-    if overrides:
+    if "model.lora_rank" in overrides:
         assert any(p.endswith("_lora_b") for p in reports[-1]["kept"])
     nnx.replace_by_pure_dict(state, params)
     for (path, ours), theirs in zip(jax.tree_util.tree_flatten_with_path(run.state["params"])[0],
                                     jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=jax.tree_util.keystr(path))
+        # Imported tensors are bitwise equal; kept ones are the same init, jitted there, eager here.
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
 
     first = next(iter(pipeline_lib.make_pipeline(spec.data, "train", process_index=0, process_count=1)))
     batch = jax.tree.map(jnp.asarray, first)

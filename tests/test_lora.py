@@ -216,3 +216,13 @@ def test_export_writes_merged_weights_the_plain_model_serves(generated_root, tmp
     sampler = jax.jit(bundle_lib.action_sampler(graphdef, int(metadata["flow_steps"])))
     unmerged = sampler(optimizer_lib.overlay(saved["params"], saved["ema"]), batch, noise)
     np.testing.assert_allclose(served, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_also_train_keeps_named_parameters_training_beside_the_adapters(params):
+    """openpi's LoRA recipe: the ViT and the projections train in full beside the adapters."""
+    mask = _flat(optimizer_lib.trainable_mask(params, (), ("^vit/", "^action_")))
+    assert mask["vit/patch_kernel"] and mask["action_in_proj/kernel"]
+    assert not mask["decoder/experts/1/q_einsum"] and not mask["decoder/embedder"]
+    assert all(t for p, t in mask.items() if lora.is_adapter(p))
+    with pytest.raises(ValueError, match="optimizer.also_train pattern 'nope' matches no parameter"):
+        optimizer_lib.trainable_mask(params, (), ("nope",))

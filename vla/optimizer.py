@@ -3,12 +3,13 @@ decay on norms/biases/embeddings, frozen parameters, and an EMA of the trained w
 
 Parameters are the model's pure dict ({"decoder": {"embedder": array, ...}}); a parameter's path
 is its keys joined by "/" ("decoder/experts/0/q_einsum"). Freezing has one rule,
-`trainable_mask`: when the model holds LoRA adapters (vla/models/lora.py) only they train;
-OptimizerSpec.freeze's regexes (re.search over paths) freeze more on top. A frozen parameter
-gets a zero update and no optimizer moments (optax.multi_transform keeps AdamW's state for the
-trainable leaves only); the trainer differentiates and averages (EMA) only the `select`ed
-trainable subtree, so frozen weights cost neither a gradient nor an EMA copy. (With LoRA the
-EMA averages A and B each, so the merged EMA weights are W + s avg(A) avg(B), not avg(W + s A B).)
+`trainable_mask`: when the model holds LoRA adapters (vla/models/lora.py) only they train, with
+the parameters OptimizerSpec.also_train matches; OptimizerSpec.freeze's regexes (re.search over
+paths) freeze more on top. A frozen parameter gets a zero update and no optimizer moments
+(optax.multi_transform keeps AdamW's state for the trainable leaves only); the trainer
+differentiates and averages (EMA) only the `select`ed trainable subtree, so frozen weights cost
+neither a gradient nor an EMA copy. (With LoRA the EMA averages A and B each, so the merged EMA
+weights are W + s avg(A) avg(B), not avg(W + s A B).)
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class OptimizerSpec:
     grad_accum_steps: int  # microbatches per step
     freeze: tuple[str, ...]  # regexes over parameter paths
     total_steps: int
+    also_train: tuple[str, ...] = ()  # with LoRA: regexes of non-adapter parameters that train too
 
 # Scales and shifts (norms, biases) and lookup tables (token / position embeddings) are not
 # weight-decayed. Decided by name, not ndim: scanned layers stack a norm's scale to [layers, width].
@@ -59,18 +61,20 @@ def decay_mask(params: Params) -> Params:
     return jax.tree.map(lambda p: not _NO_DECAY.search(p.rsplit("/", 1)[-1]), param_paths(params))
 
 
-def trainable_mask(params: Params, freeze: Sequence[str]) -> Params:
-    """True where a parameter trains: every one, or only the LoRA adapters when there are any,
-    less those a freeze pattern matches. A freeze pattern matching no parameter is a config error."""
+def trainable_mask(params: Params, freeze: Sequence[str], also_train: Sequence[str] = ()) -> Params:
+    """True where a parameter trains: every one, or, when there are LoRA adapters, the adapters
+    and the parameters an `also_train` pattern matches; less those a freeze pattern matches. A
+    pattern matching no parameter is a config error."""
     paths = param_paths(params)
     all_paths = jax.tree.leaves(paths)
-    for pattern in freeze:
-        if not any(re.search(pattern, p) for p in all_paths):
-            raise ValueError(f"config.optimizer.freeze pattern {pattern!r} matches no parameter; "
-                             f"paths look like {all_paths[:3]}")
+    for key, patterns in (("freeze", freeze), ("also_train", also_train)):
+        for pattern in patterns:
+            if not any(re.search(pattern, p) for p in all_paths):
+                raise ValueError(f"config.optimizer.{key} pattern {pattern!r} matches no parameter; "
+                                 f"paths look like {all_paths[:3]}")
     adapters_only = any(lora.is_adapter(p) for p in all_paths)
-    return jax.tree.map(lambda p: (lora.is_adapter(p) or not adapters_only)
-                        and not any(re.search(f, p) for f in freeze), paths)
+    trains = lambda p: not adapters_only or lora.is_adapter(p) or any(re.search(a, p) for a in also_train)
+    return jax.tree.map(lambda p: trains(p) and not any(re.search(f, p) for f in freeze), paths)
 
 
 def select(tree: dict, mask: dict) -> dict:
@@ -108,7 +112,7 @@ def make_optimizer(spec: OptimizerSpec, params: Params) -> optax.GradientTransfo
         optax.clip_by_global_norm(spec.clip_norm),
         optax.adamw(learning_rate(spec), b1=spec.b1, b2=spec.b2, eps=spec.eps,
                     weight_decay=spec.weight_decay, mask=decay_mask(params)))
-    mask = trainable_mask(params, spec.freeze)
+    mask = trainable_mask(params, spec.freeze, spec.also_train)
     if all(jax.tree.leaves(mask)):
         return adamw
     labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)

@@ -104,7 +104,7 @@ def init_state(optimizer: optimizer_lib.OptimizerSpec, mesh: jax.sharding.Mesh,
     def build(params):
         state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         if ema_on:
-            trainable = optimizer_lib.trainable_mask(params, optimizer.freeze)
+            trainable = optimizer_lib.trainable_mask(params, optimizer.freeze, optimizer.also_train)
             state["ema"] = jax.tree.map(jnp.copy, optimizer_lib.select(params, trainable))
         return state
 
@@ -139,7 +139,7 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
     def train_step(state: State, batch: Batch) -> tuple[State, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         params = state["params"]
-        mask = optimizer_lib.trainable_mask(params, optimizer.freeze)
+        mask = optimizer_lib.trainable_mask(params, optimizer.freeze, optimizer.also_train)
         trainable = optimizer_lib.select(params, mask)
         if accum == 1:
             (_, m), grads = grad_fn(trainable, params, batch, rng)

@@ -35,6 +35,7 @@ are never differentiated (vla/train.py takes the gradient of the trainable param
 Inference pays nothing either way: the bundle holds merged weights (`merge_lora`).
 
 Training: with adapters in the model, only adapters train (vla/optimizer.trainable_mask, with
+optimizer.also_train naming others that train too (openpi trains the ViT and the projections), and
 optimizer.freeze on top); the base weights get neither moments nor an EMA copy.
 """
 from __future__ import annotations
