@@ -23,7 +23,7 @@ README's "Fine-tune π0 / π0.5" gives every command, from tools.import_weights 
         --config configs/finetune.py:demo --out runs/finetune/demo/weights
     python -m vla.train --config configs/finetune.py:demo,lora --workdir runs/finetune/demo/run
 
-The demo fine-tune runs 300 steps (about 4 minutes on a 2-core CPU) after the demo has
+The demo fine-tune runs 300 steps (about 2 minutes on a 2-core CPU) after the demo has
 generated its data (python -m tools.demo, or tools.generate); its loss curve is
 runs/finetune/demo/run/loss.png. Optimizer settings follow openpi's fine-tuning recipe: peak lr
 2.5e-5 after 1,000 warmup steps, cosine decay, b2 0.95, clip 1, EMA 0.99 (none with LoRA).

@@ -121,7 +121,7 @@ def plan(source: InitSource, cfg: VLAConfig, params: Any) -> Plan:
     """Checks `source` against the model's parameters (a pure dict of arrays or
     ShapeDtypeStructs) without assigning anything; raises WeightImportError with every problem."""
     file, step = open_source(source)
-    targets = {path: leaf for path, leaf in _flat(params).items()}
+    targets = _flat(params)
     shapes = {path: tuple(leaf.shape) for path, leaf in targets.items()}
     specs = file.specs()
     names = rules_lib.canonical_names(source.format, list(specs))
