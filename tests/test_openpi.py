@@ -123,3 +123,23 @@ def test_openpi_weights_need_openpis_prompts():
     check_prompt_format([source], "openpi")
     with pytest.raises(ValueError, match="set config.data.prompt_format='openpi' \\(it is 'vla'\\)"):
         check_prompt_format([source], "vla")
+
+
+@pytest.mark.skipif(not FOLDERS, reason=f"no openpi fixtures under {FIXTURES}")
+def test_import_weights_writes_params_and_the_checkpoints_norm_stats(tmp_path):
+    """tools.import_weights --format openpi: OUT/params is a weight source giving the openpi
+    parameters, and assets/<id>/norm_stats.json (openpi's normalize.save) becomes our stats.json."""
+    from configs import finetune, specs
+    from data import stats as stats_lib
+    from tools.import_weights import import_to_directory
+
+    folder = FOLDERS[0]
+    spec = specs.build(finetune.get_config("pi05"))
+    spec = dataclasses.replace(spec, model=model_config(folder))
+    report = import_to_directory(spec, InitSource("openpi", str(folder / "params")), str(tmp_path / "out"))
+    (asset,) = sorted(p.name for p in (folder / "assets").iterdir())
+    written = tmp_path / "out" / "assets" / asset / stats_lib.STATS_FILE
+    assert report["assets"] == {asset: str(written)}
+    assert stats_lib.read(written) == stats_lib.from_openpi(folder / "assets" / asset / "norm_stats.json")
+    assert json.loads((tmp_path / "out" / "import.json").read_text())["format"] == "openpi"
+    assert not report["kept"]

@@ -65,7 +65,7 @@ def _import_norm_stats(source: InitSource, out: str) -> dict[str, str]:
     written = {}
     for norm_stats in sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []:
         target = storage.join(out, "assets", norm_stats.parent.name, stats_lib.STATS_FILE)
-        stats_lib.write(stats_lib.from_openpi(norm_stats), target)
+        stats_lib.write(target, stats_lib.from_openpi(norm_stats))
         written[norm_stats.parent.name] = target
     return written
 
