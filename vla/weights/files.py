@@ -52,17 +52,18 @@ class Npz(TensorFile):
         self._zip = zipfile.ZipFile(storage.path(path).open("rb"))
         self._members = {name.removesuffix(".npy").removeprefix("params/"): name
                          for name in self._zip.namelist() if name.endswith(".npy")}
+        self._specs = {key: self._header(member) for key, member in self._members.items()}
+
+    def _header(self, member: str) -> tuple[Shape, np.dtype]:
+        with self._zip.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+        return tuple(shape), _bfloat16_if_void(dtype)
 
     def specs(self) -> dict[str, tuple[Shape, np.dtype]]:
-        out = {}
-        for key, member in self._members.items():
-            with self._zip.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-            out[key] = (tuple(shape), _bfloat16_if_void(dtype))
-        return out
+        return dict(self._specs)
 
     def read(self, key: str) -> np.ndarray:
         with self._zip.open(self._members[key]) as f:

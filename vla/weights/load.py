@@ -42,9 +42,8 @@ from vla.models.vla import VLAConfig
 from vla.weights import files
 from vla.weights import rules as rules_lib
 from vla.weights.files import TensorFile
-from vla.weights.rules import EMBEDDING, HF_TIED_HEAD, LAYOUTS, Rule
+from vla.weights.rules import EMBEDDING, FORMATS, HF_TIED_HEAD, Rule
 
-FORMATS = LAYOUTS
 VOCAB_MODES = ("exact", "truncate", "pad")
 SOURCE_KEYS = ("format", "path", "step", "vocab", "exclude")
 IMPORT_REPORT = "import.json"  # what tools.import_weights writes beside params/
@@ -132,8 +131,9 @@ def plan(source: InitSource, cfg: VLAConfig, params: Any) -> Plan:
             raise ValueError(f"weight source {source.path!r}: exclude pattern {pattern!r} matches no "
                              f"parameter; paths look like {sorted(targets)[:3]}")
     wanted = [r for r in rules_lib.rules(source.format, cfg, shapes) if r.target not in excluded]
-    if source.format == "vla":  # our layout names every parameter, also those a source lacks
-        wanted = [r for r in wanted if r.sources[0] in names or not _new_in_target(r.target)]
+    # Our layout names every parameter, also adapters a source (a run without LoRA) lacks.
+    if source.format == "vla":
+        wanted = [r for r in wanted if r.sources[0] in names or not lora.is_adapter(r.target)]
     ignored = []
     if source.format == "hf" and HF_TIED_HEAD in names:
         ignored.append(names[HF_TIED_HEAD])  # checked to equal the embedding when applied
@@ -257,11 +257,6 @@ def _vocab_problem(mode: str, rows: int, vocab: int) -> str:
         return (f"set vocab='truncate' in this config.init entry to keep the first {vocab} rows" if rows > vocab
                 else f"set vocab='pad' to keep rows {rows}..{vocab - 1} as initialized")
     return f"vocab={mode!r} needs {'more' if mode == 'truncate' else 'fewer'} rows than the model has"
-
-
-def _new_in_target(path: str) -> bool:
-    """Parameters a run of ours may have that its weight source (an earlier run) lacks."""
-    return lora.is_adapter(path)
 
 
 def _check_tied_head(head: np.ndarray, embedding: np.ndarray, key: str) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from vla.models.variants import gemma_variant, vit_variant
 from vla.models.vla import VLAConfig
 
-LAYOUTS = ("big_vision", "hf", "openpi", "vla")
+FORMATS = ("big_vision", "hf", "openpi", "vla")
 EMBEDDING = "decoder/embedder"  # the one parameter whose rows (the vocabulary) may be cut or padded
 
 # The same tensors are named differently by transformers versions: hub files and 4.x
@@ -63,7 +63,7 @@ def rules(layout: str, cfg: VLAConfig, targets: Mapping[str, tuple[int, ...]]) -
         return _openpi_rules(cfg)
     if layout == "vla":
         return [Rule(path, (path,), shape, _only) for path, shape in targets.items()]
-    raise ValueError(f"unknown weight layout {layout!r}; choose from {LAYOUTS}")
+    raise ValueError(f"unknown weight layout {layout!r}; choose from {FORMATS}")
 
 
 def canonical_names(layout: str, keys: list[str]) -> dict[str, str]:
