@@ -96,11 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.fast_vocab_size = 1024  # FAST BPE pieces (token ids appended after the text vocab)
     c.data.fast_scale = 10.0  # DCT coefficients are rounded to 1 / fast_scale
     c.data.fast_fit_chunks = 5000  # windows sampled from the train split to fit on
-    # The mixture: name -> dict(kind=robot|vl|video|tfds, path=..., weight=..., spec=... (robot:
-    # a data/rlds.py DatasetSpec name or fields), stats=... (robot: a stats.json, relative to
+    # The mixture: name -> dict(kind=robot|vl|video|tfds, format=... (robot: rlds | lerobot; vl:
+    # tfds | webdataset | parquet; video: tfds | clips), path=..., weight=..., spec=... (robot: a
+    # data/robots.py dataset spec name or its fields), stats=... (robot: a stats.json, relative to
     # data.root or absolute, replacing the dataset's own, e.g. an imported checkpoint's),
-    # data_dir=..., fields=... (tfds)).
+    # eval_split=... (robot, overrides data.eval_split), data_dir=..., fields=... (foreign
+    # image-text sources: data/tfds_image_text.FieldMap fields)). data/spec.SourceSpec says more.
     c.data.sources = ml_collections.ConfigDict()
+    # What held-out evaluation reads of each robot source: a split name ("heldout", "val"), or
+    # "N%" for a deterministic hash hold-out of N% of the train episodes (datasets with only
+    # "train", as most of Open X-Embodiment), which training then leaves out.
+    c.data.eval_split = "heldout"
     c.data.workers = 0  # Grain worker processes; 0 reads in a thread
     c.data.prefetch = 2  # batches read ahead
     c.data.strict = False  # a bad record raises (naming dataset, episode, step) instead of skipping

@@ -32,7 +32,7 @@ from vla.optimizer import OptimizerSpec
 from vla.sharding import MeshSpec
 from vla.weights.load import InitSource
 
-SOURCE_KEYS = ("kind", "path", "weight", "spec", "data_dir", "fields", "stats")
+SOURCE_KEYS = ("kind", "format", "path", "weight", "spec", "data_dir", "fields", "stats", "eval_split")
 
 
 def action_horizon(chunk_s: float, control_hz: float) -> int:
@@ -143,7 +143,8 @@ def _source(name: str, entry: Mapping[str, Any]) -> SourceSpec:
                       spec=spec if spec is None or isinstance(spec, str) else dict(spec),
                       data_dir=entry.get("data_dir") or None,
                       fields=None if fields is None else dict(fields),
-                      stats=entry.get("stats") or None)
+                      stats=entry.get("stats") or None, format=entry.get("format") or None,
+                      eval_split=entry.get("eval_split") or None)
 
 
 def validate_training(spec: RunSpec) -> None:
@@ -192,7 +193,7 @@ def build(config: ml_collections.ConfigDict) -> RunSpec:
         seed=train.seed, batch_size=train.batch_size, workers=d.workers, prefetch=d.prefetch,
         strict=d.strict,
         # A run configured before this key existed used our own prompts.
-        prompt_format=d.get("prompt_format", "vla"))
+        prompt_format=d.get("prompt_format", "vla"), eval_split=d.get("eval_split", "heldout"))
     generation = GenerationSpec(
         tasks=tuple(d.tasks), episodes_per_task=d.episodes_per_task,
         heldout_episodes_per_task=d.heldout_episodes_per_task, cameras=tuple(d.render_cameras),

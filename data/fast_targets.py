@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data import fast, normalize, prompt, rlds, stats, windows
+from data import fast, normalize, prompt, rlds, robot_data, stats, transform, windows
 from data.spec import DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
 
@@ -95,15 +95,15 @@ def sample_chunks(dataset: windows.RobotData, spec: windows.WindowSpec, hold_dim
         if not len(steps):
             continue
         try:
-            ep = dataset.episode(int(e))
-            arrays = ep.steps(range(ep.length))
+            arrays = dataset.lowdim(int(e))
         except errors:
             continue
         # In memory without images: the window code runs unchanged and reads nothing more.
-        lowdim = windows.ArrayEpisode({}, arrays["state"], arrays["actions"], ep.control_hz)
+        lowdim = windows.ArrayEpisode({}, arrays["state"], arrays["actions"], dataset.control_hz)
         for step in steps:
             w = windows.make_window(lowdim, int(step), spec, hold_dims)
-            chunks.append(target_chunk(w["actions"], w["action_valid"], normalizer))
+            actions = transform.delta(dataset.spec, w["actions"], w["state"])
+            chunks.append(target_chunk(actions, w["action_valid"], normalizer))
     if not chunks:
         raise ValueError(f"dataset {dataset.name!r}: no readable window to fit FAST on")
     return np.stack(chunks)
@@ -112,22 +112,23 @@ def sample_chunks(dataset: windows.RobotData, spec: windows.WindowSpec, hold_dim
 def fit_source(source: SourceSpec, data: DataSpec) -> dict:
     """Fit, save and report the FAST tokenizer of one robot source at the data's window.
 
-    Fit on the train split; fast_report on windows of the heldout split when the dataset has
-    one (else on the fit sample). Returns the saved meta.json contents."""
+    Fit on the train episodes; fast_report on windows of the eval episodes when the dataset has
+    them (data.eval_split_of(source)), else on the fit sample. Returns the saved meta.json contents."""
     ddir, spec = data.dataset_dir(source), data.window
-    train = rlds.robot_opener(ddir, source.spec, "train")()
+    fmt, eval_split = source.file_format, data.eval_split_of(source)
+    train = robot_data.open_robot(ddir, source.spec, fmt, "train", eval_split)
     stats_file = data.stats_file(source)
     source_stats = stats.read(stats_file)
     stats.check(source_stats, data.normalization, train.state_dim, train.action_dim,
                 f"source {source.name!r} (statistics {stats_file})")
     normalizer = normalize.normalizers(source_stats, data.normalization)["actions"]
-    sample = sample_chunks(train, spec, train.spec.gripper_dims, normalizer,
+    sample = sample_chunks(train, spec, train.spec.hold_dims, normalizer,
                            data.fast.fit_chunks, data.seed, (rlds.CorruptRecordError,))
     tokenizer = fast.fit(sample, data.fast.vocab_size, data.fast.scale)
-    if rlds.has_split(ddir, "heldout"):
-        heldout = rlds.robot_opener(ddir, source.spec, "heldout")()
-        report_on, report_chunks = "heldout", sample_chunks(
-            heldout, spec, heldout.spec.gripper_dims, normalizer, REPORT_CHUNKS, data.seed,
+    if robot_data.has_role(ddir, fmt, "eval", eval_split):
+        heldout = robot_data.open_robot(ddir, source.spec, fmt, "eval", eval_split)
+        report_on, report_chunks = eval_split, sample_chunks(
+            heldout, spec, heldout.spec.hold_dims, normalizer, REPORT_CHUNKS, data.seed,
             (rlds.CorruptRecordError,))
     else:
         report_on, report_chunks = "train (the fit sample)", sample

@@ -1,6 +1,6 @@
 """The training input pipeline: sources -> weighted mixture -> global batches -> this process's rows.
 
-    it = make_pipeline(data, "train", process_index=i, process_count=n)   # data: DataSpec; or "heldout"
+    it = make_pipeline(data, "train", process_index=i, process_count=n)   # data: DataSpec; or "eval"
     batch = next(it)                          # dict of numpy arrays, the batch contract
     it.metrics()                              # {"data/skipped/<source>": n, ...}
     element_spec(data)                        # global batch shapes, without opening data
@@ -34,9 +34,11 @@ the iterator sums it per source over this process's rows. DataSpec.strict (confi
 re-raises the error instead, which names dataset, file, episode, step and the underlying error.
 A source none of whose first few probed units can be read fails when the pipeline is built.
 
-The heldout split builds the same pipeline over the sources that have a "heldout" split (the
-robot datasets; sources without one are left out, keeping their `source` index): a fresh
-iterator always yields the same batches, so evaluations are comparable across steps.
+The "eval" role builds the same pipeline over the robot sources that can serve it: each reads
+its eval split (DataSpec.eval_split_of: a named split such as "heldout" or "val", or a hash
+hold-out "N%" of its train episodes, data/robot_data.py); sources without it, and text sources,
+are left out, keeping their `source` index. A fresh iterator always yields the same batches, so
+evaluations are comparable across steps.
 """
 import contextlib
 import dataclasses
@@ -49,13 +51,13 @@ import numpy as np
 from absl import flags, logging
 from PIL import UnidentifiedImageError
 
-from data import fast_targets, rlds, storage
+from data import fast_targets, rlds, robot_data, storage
 from data import sources as sources_lib
 from data.layout import Layout
-from data.spec import KINDS, DataSpec, SourceSpec
+from data.spec import DataSpec, SourceSpec
 from data.tokenizer import Tokenizer
 
-SPLITS = ("train", "heldout")
+ROLES = robot_data.ROLES
 # This many unreadable units (episodes) in a row means the dataset is broken, not unlucky.
 MAX_BAD_IN_A_ROW = 64
 # Units read at startup to tell a readable source from a wholly unreadable one.
@@ -300,7 +302,7 @@ def bad_record_errors() -> tuple[type[Exception], ...]:
     return (rlds.CorruptRecordError, UnidentifiedImageError)
 
 
-def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
+def make_pipeline(data: DataSpec, role: str = "train", *, process_index: int,
                   process_count: int) -> Pipeline:
     """The pipeline of a run's data: every source, mixed by weight. A gs:// data root is read
     from a local copy (data/storage.stage).
@@ -317,8 +319,8 @@ def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
     every prompt follow data.prompt_format ("openpi": FAST ids on the SentencePiece model's
     last pieces, vocab_size = its piece count; data/tokenizer.py).
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
     if data.root is not None and storage.is_remote(data.root):
         data = dataclasses.replace(data, root=storage.stage(data.root))
     fast = {}
@@ -332,13 +334,16 @@ def make_pipeline(data: DataSpec, split: str = "train", *, process_index: int,
     built = {}
     for source in data.sources:
         with _naming_source(source):
-            # Heldout data exists for robot datasets; text datasets have only "train" (a
-            # registered TFDS dataset, data_dir set, is checked by TFDS itself when opened).
-            if (split != "train" and source.kind in KINDS and not source.data_dir
-                    and not rlds.has_split(data.dataset_dir(source), split)):
+            if role == "eval" and (source.kind != "robot" or not robot_data.has_role(
+                    data.dataset_dir(source), source.file_format, role, data.eval_split_of(source))):
                 continue
-            built[source.name] = sources_lib.make_source(source, data, split, tokenizer,
+            built[source.name] = sources_lib.make_source(source, data, role, tokenizer,
                                                          fast.get(source.name))
+    if role == "eval" and not built:
+        offered = {s.name: robot_data.splits(data.dataset_dir(s), s.file_format) for s in data.robot_sources}
+        raise ValueError(f"no robot source has the evaluation split: eval_split "
+                         f"{data.eval_split!r}, the robot sources' splits are {offered}; set "
+                         f"--config.data.eval_split to one of them, or to a hold-out such as '5%'")
     robot = {n: s for n, s in built.items() if isinstance(s, sources_lib.RobotSource)}
     return mix(built, {n: data.source(n).weight for n in built}, data.layout, names=data.names,
                seed=data.seed, batch_size=data.batch_size,

@@ -16,8 +16,6 @@ Writing needs TensorFlow (TFDS serializes with it), in a child process; reading 
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import io
 import itertools
 import multiprocessing
@@ -26,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from queue import Full
 from typing import Any
 
@@ -35,6 +33,10 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from etils import epath
 from PIL import Image
+
+from data import storage, transform
+from data.robots import get_spec
+from data.transform import DatasetSpec
 
 VERSION = "1.0.0"
 
@@ -239,61 +241,6 @@ def rlds_episode(images: Mapping[str, Sequence[bytes | np.ndarray]], state: np.n
 
 
 # ---------------------------------------------------------------------------------- reading
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """How to read one RLDS dataset into the canonical robot episode. Keys are '/'-separated
-    paths inside a step (e.g. "observation/image") or, for the instruction, optionally inside
-    the episode ("episode_metadata/instruction")."""
-    name: str
-    camera_keys: Mapping[str, str]  # dataset key -> our camera name
-    state_keys: tuple[str, ...]  # concatenated in this order -> state f32 [S_native]
-    action_key: str = "action"
-    instruction_key: str = "language_instruction"
-    subtask_key: str | None = None  # a per-step text feature; None: no subtask targets
-    control_hz: float | None = None  # None: read from the dataset's metadata.json
-    gripper_dims: tuple[int, ...] = ()  # action dims held (not interpolated) when resampling
-    state_dim: int | None = None  # native dims; checked against the features when given
-    action_dim: int | None = None
-
-
-SPECS: dict[str, DatasetSpec] = {}
-
-
-def register_spec(spec: DatasetSpec) -> DatasetSpec:
-    SPECS[spec.name] = spec
-    return spec
-
-
-def get_spec(spec: str | DatasetSpec | Mapping[str, Any]) -> DatasetSpec:
-    """A registered name, a DatasetSpec, or a dict of DatasetSpec fields (from a config)."""
-    if isinstance(spec, DatasetSpec):
-        return spec
-    if isinstance(spec, str):
-        if spec not in SPECS:
-            raise KeyError(f"no dataset spec named {spec!r}; registered: {sorted(SPECS)}")
-        return SPECS[spec]
-    fields = dict(spec)
-    fields["camera_keys"] = dict(fields["camera_keys"])
-    for key in ("state_keys", "gripper_dims"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    return DatasetSpec(**fields)
-
-
-register_spec(DatasetSpec(
-    name="metaworld",
-    camera_keys={"observation/corner2": "corner2", "observation/corner3": "corner3",
-                 "observation/corner4": "corner4", "observation/topview": "topview",
-                 "observation/gripperPOV": "gripperPOV", "observation/behindGripper":
-                 "behindGripper", "observation/corner": "corner"},
-    state_keys=("observation/state",),
-    subtask_key="language_subtask",
-    gripper_dims=(3,),
-    state_dim=4,
-    action_dim=4,
-))
-
-
 def _flat_features(feature: tfds.features.FeatureConnector, prefix: str = "") -> dict[str, Any]:
     if isinstance(feature, tfds.features.FeaturesDict):
         out = {}
@@ -303,14 +250,19 @@ def _flat_features(feature: tfds.features.FeatureConnector, prefix: str = "") ->
     return {prefix.rstrip("/"): feature}
 
 
-def _get(tree: Mapping[str, Any], path: str) -> Any:
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
+def _skip_images(feature: tfds.features.FeatureConnector) -> Any:
+    """A decoders tree skipping every Image of a FeaturesDict (their bytes are left undecoded)."""
+    if isinstance(feature, tfds.features.FeaturesDict):
+        tree = {k: _skip_images(v) for k, v in feature.items()}
+        return {k: v for k, v in tree.items() if v is not None} or None
+    if isinstance(feature, tfds.features.Dataset):
+        return _skip_images(feature.feature)
+    return tfds.decode.SkipDecoding() if isinstance(feature, tfds.features.Image) else None
 
 
 def open_builder(path: str) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of a dataset directory, with a clear error for a wrong path."""
+    """The TFDS builder of a dataset directory, with a clear error for a wrong path and for a
+    TFRecord dataset (no random access: data/convert_rlds.py converts it)."""
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"dataset path {path!r} does not exist")
@@ -321,7 +273,10 @@ def open_builder(path: str) -> tfds.core.DatasetBuilder:
             raise ValueError(f"{path!r} is not a TFDS dataset directory (no dataset_info.json "
                              f"in it or in a version folder below it)")
         p = versions[-1]
-    return tfds.builder_from_directory(os.fspath(p))
+    builder = tfds.builder_from_directory(os.fspath(p))
+    from data.convert_rlds import require_random_access  # local: keeps data.convert_rlds free of us
+    require_random_access(builder, path)  # TFRecord (Open X-Embodiment) -> the convert command
+    return builder
 
 
 def has_split(path: str, split: str) -> bool:
@@ -329,24 +284,15 @@ def has_split(path: str, split: str) -> bool:
     return split in open_builder(path).info.splits
 
 
-def robot_spec(spec: str | DatasetSpec | Mapping[str, Any] | None, path: str) -> DatasetSpec:
-    """A robot source's DatasetSpec (a registered name or a dict of its fields); `path` names
-    the dataset in the error when a source gives none."""
-    if spec is None:
-        raise ValueError(f"robot source at {path!r} has no spec (a DatasetSpec name from "
-                         f"data/rlds.py or a dict of its fields)")
-    return get_spec(spec)
-
-
-def robot_opener(path: str, spec: str | DatasetSpec | Mapping[str, Any] | None,
-                 split: str = "train") -> Callable[[], RobotDataset]:
-    """Picklable zero-argument callable opening one split of the robot dataset at `path`."""
-    return functools.partial(RobotDataset, path, robot_spec(spec, path), split=split)
+def splits(path: str) -> list[str]:
+    """The split names of the TFDS dataset directory `path`."""
+    return list(open_builder(path).info.splits)
 
 
 class RobotDataset:
     """Lazy random access to the episodes of one split of an RLDS dataset, in the canonical
-    robot episode format (docs/data_contract.md). Picklable: the data source opens lazily."""
+    robot episode format (docs/data_contract.md); raw steps become canonical steps through
+    data/transform.py as the spec declares. Picklable: the data source opens lazily."""
 
     def __init__(self, path: str, spec: str | DatasetSpec | Mapping[str, Any] = "metaworld",
                  split: str = "train"):
@@ -367,7 +313,8 @@ class RobotDataset:
         self._lengths = None if lengths is None else np.asarray(lengths, np.int64)
         self._builder_dir = os.fspath(builder.data_dir)
         self._split_info = builder.info.splits[split]
-        self._source = None
+        self._decoders = _skip_images(builder.info.features)
+        self._source = self._lowdim_source = None
 
     def _check_spec(self, builder: tfds.core.DatasetBuilder) -> None:
         features = builder.info.features
@@ -377,30 +324,23 @@ class RobotDataset:
         step_keys = _flat_features(features["steps"].feature)
         episode_keys = _flat_features(features)
         s = self.spec
-        wanted = [*s.state_keys, s.action_key, *([s.subtask_key] if s.subtask_key else [])]
         present_cams = [k for k in s.camera_keys if k in step_keys]
         if not present_cams:
             raise ValueError(f"spec {s.name!r}: none of its camera keys {list(s.camera_keys)} is "
                              f"a step feature of {self.path!r}; step features: {sorted(step_keys)}")
-        missing = [k for k in wanted if k not in step_keys]
+        missing = [k for k in s.lowdim_keys() if k not in step_keys]
         if s.instruction_key not in step_keys and s.instruction_key not in episode_keys:
             missing.append(s.instruction_key)
         if missing:
             raise ValueError(f"spec {s.name!r}: keys {missing} are not features of "
                              f"{self.path!r}; step features: {sorted(step_keys)}")
         self.cameras = {k: s.camera_keys[k] for k in present_cams}  # dataset key -> our name
-        state_dim = sum(int(np.prod(step_keys[k].shape)) for k in s.state_keys)
-        action_dim = int(np.prod(step_keys[s.action_key].shape))
-        for what, want, got in (("state", s.state_dim, state_dim),
-                                ("action", s.action_dim, action_dim)):
-            if want is not None and want != got:
-                raise ValueError(f"spec {s.name!r} says {what} has {want} dims, {self.path!r} "
-                                 f"has {got}")
-        self.state_dim, self.action_dim = state_dim, action_dim
+        self.state_dim, self.action_dim = s.canonical_dims(
+            {k: int(np.prod(step_keys[k].shape)) for k in (*s.state_keys, *s.action_keys)}, self.path)
         self._instruction_in_steps = s.instruction_key in step_keys
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_source": None}
+        return {**self.__dict__, "_source": None, "_lowdim_source": None}
 
     @property
     def source(self):
@@ -409,22 +349,34 @@ class RobotDataset:
                 split=self.split)
         return self._source
 
+    @property
+    def lowdim_source(self):
+        """The same records with every image left undecoded (statistics, low-dim caches)."""
+        if self._lowdim_source is None:
+            self._lowdim_source = tfds.builder_from_directory(self._builder_dir).as_data_source(
+                split=self.split, decoders=self._decoders)
+        return self._lowdim_source
+
     def __len__(self) -> int:
         return self.num_episodes
 
     @property
     def episode_lengths(self) -> np.ndarray:
-        """int64 [E]: from metadata.json when written by us, else one pass over the records
-        (parsing only; no image is decoded)."""
+        """int64 [E]: from metadata.json (written by us and by tools.convert), else from the
+        episode index cached beside the data (data/storage.cached_json), built once by parsing
+        every record without decoding an image."""
         if self._lengths is None:
-            self._lengths = np.array([len(self._record(i)["steps"]) for i in range(len(self))])
+            self._lengths = np.asarray(storage.cached_json(
+                self._builder_dir, f"episode_lengths.{self.split}",
+                [os.fspath(f) for f in self._split_info.filepaths],
+                lambda: [len(self._record(i, lowdim=True)["steps"]) for i in range(len(self))]), np.int64)
         return self._lengths
 
-    def _record(self, index: int) -> dict[str, Any]:
+    def _record(self, index: int, lowdim: bool = False) -> dict[str, Any]:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range [0, {self.num_episodes})")
         try:
-            return self.source[index]
+            return (self.lowdim_source if lowdim else self.source)[index]
         except Exception as e:  # riegeli/proto errors surface as assorted types
             raise CorruptRecordError(self.name, index, None, e, self.file_of(index)) from e
 
@@ -434,6 +386,14 @@ class RobotDataset:
 
     def episode(self, index: int) -> RobotEpisode:
         return RobotEpisode(self, index, self._record(index))
+
+    def lowdim(self, index: int) -> dict[str, np.ndarray]:
+        """Episode `index`'s canonical {"state": f32 [N, S], "actions": f32 [N, A]}, no image decoded."""
+        record = self._record(index, lowdim=True)
+        rows = [record["steps"][i] for i in range(len(record["steps"]))]
+        where = f"dataset {self.name!r} episode {index}"
+        return {"state": transform.canonical_state(self.spec, rows, where),
+                "actions": transform.canonical_actions(self.spec, rows, where)}
 
 
 class RobotEpisode:
@@ -446,15 +406,15 @@ class RobotEpisode:
         self.episode_index = index
         self.length = len(self._steps)
         self.control_hz = dataset.control_hz
-        self.gripper_dims = dataset.spec.gripper_dims
+        self.gripper_dims = dataset.spec.hold_dims
         self._instruction: str | None = None
 
     @property
     def instruction(self) -> str:
         if self._instruction is None:
             key = self._ds.spec.instruction_key
-            value = _get(self._step(0), key) if self._ds._instruction_in_steps \
-                else _get(self._record, key)
+            value = transform.lookup(self._step(0), key) if self._ds._instruction_in_steps \
+                else transform.lookup(self._record, key, "episode")
             self._instruction = _text(value)
         return self._instruction
 
@@ -466,8 +426,8 @@ class RobotEpisode:
                                      self._ds.file_of(self.episode_index)) from e
 
     def steps(self, indices: Sequence[int]) -> dict[str, Any]:
-        """images {camera: uint8 [n, h, w, 3]}, state f32 [n, S_native], actions f32
-        [n, A_native] for the given step indices (any order, repeats allowed), and subtask
+        """images {camera: uint8 [n, h, w, 3]}, state f32 [n, S], actions f32 [n, A] (canonical,
+        data/transform.py) for the given step indices (any order, repeats allowed), and subtask
         (n strings) when the spec names a subtask key."""
         spec = self._ds.spec
         for i in indices:
@@ -476,21 +436,16 @@ class RobotEpisode:
                                  f"{self.episode_index} of {self.dataset!r}")
         decoded = {i: self._step(int(i)) for i in dict.fromkeys(indices)}
         rows = [decoded[i] for i in indices]
-        images = {}
-        for key, cam in self._ds.cameras.items():
-            frames = [_get(r, key) for r in rows]
-            for i, f in zip(indices, frames, strict=True):
-                if f is None or f.ndim != 3:
-                    raise CorruptRecordError(self.dataset, self.episode_index, int(i),
-                                             ValueError(f"undecodable image {key!r}"),
-                                             self._ds.file_of(self.episode_index))
-            images[cam] = np.stack(frames).astype(np.uint8)
-        state = np.stack([np.concatenate([np.ravel(_get(r, k)) for k in spec.state_keys])
-                          for r in rows]).astype(np.float32)
-        actions = np.stack([np.ravel(_get(r, spec.action_key)) for r in rows]).astype(np.float32)
-        out = {"images": images, "state": state, "actions": actions}
+        where = f"dataset {self.dataset!r} episode {self.episode_index}"
+        try:
+            images = transform.canonical_images(self._ds.cameras, rows, where)
+        except ValueError as e:  # an image that decoded to nothing usable
+            raise CorruptRecordError(self.dataset, self.episode_index, None, e,
+                                     self._ds.file_of(self.episode_index)) from e
+        out = {"images": images, "state": transform.canonical_state(spec, rows, where),
+               "actions": transform.canonical_actions(spec, rows, where)}
         if spec.subtask_key:
-            out["subtask"] = [_text(_get(r, spec.subtask_key)) for r in rows]
+            out["subtask"] = [_text(transform.lookup(r, spec.subtask_key, where)) for r in rows]
         return out
 
 

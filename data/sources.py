@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data import normalize, prompt, rlds, windows
+from data import normalize, prompt, robot_data, transform, windows
 from data import stats as stats_lib
 from data import tfds_image_text as tit
 from data.fast_targets import FastActions
@@ -74,12 +74,13 @@ class RobotSource:
     """
 
     def __init__(self, name: str, open_dataset: Callable[[], windows.RobotData], layout: Layout,
-                 window: windows.WindowSpec, hold_dims: Sequence[int], stats: dict,
+                 window: windows.WindowSpec, stats: dict,
                  normalization: str, tokenizer: Tokenizer, fast: FastActions | None = None,
                  prompt_format: str = "vla", stats_file: str = "stats.json"):
-        """fast: data/fast_targets.FastActions of this dataset at `window`'s horizon (π0.5
-        FAST targets; the tokenizer's FAST id range must hold its vocabulary), or None.
-        stats_file: where `stats` came from, for messages."""
+        """open_dataset: opens the episodes (data/robot_data.robot_opener), whose `spec` (a
+        data/transform.DatasetSpec) turns windows into examples. fast: data/fast_targets.FastActions
+        of this dataset at `window`'s horizon (π0.5 FAST targets; the tokenizer's FAST id range
+        must hold its vocabulary), or None. stats_file: where `stats` came from, for messages."""
         self.name = name
         self._dataset = _Lazy(open_dataset)
         ds = self._dataset.get()
@@ -103,7 +104,9 @@ class RobotSource:
             raise ValueError(f"source {name!r}: data dims {native} exceed model.state_dim="
                              f"{layout.state_dim} / model.action_dim={layout.action_dim}")
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
-        self._layout, self._window, self._hold = layout, window, tuple(hold_dims)
+        self.spec = ds.spec
+        self._layout, self._window = layout, window
+        self._hold = () if ds.spec is None else ds.spec.hold_dims
         self._tokenizer, self._fast, self._prompt_format = tokenizer, fast, prompt_format
         self._cache_on = lengths.sum() * (ds.state_dim + ds.action_dim) * 4 <= LOWDIM_CACHE_BYTES
         self._cache: dict[int, tuple | None] = {}
@@ -162,18 +165,11 @@ class RobotSource:
         ep, lowdim, instruction = self._episode(e)
         w = windows.make_window(ep, step, self._window, self._hold, lowdim)
         lay = self._layout
-        ex = lay.empty()
-        for c, cam in enumerate(lay.cameras):
-            if cam in w["images"]:
-                ex["images"][cam] = lay.camera_frames(w["images"][cam])
-                ex["image_mask"][c] = True
-                ex["frame_mask"][c] = w["frame_mask"]
-        state = self.normalizers["state"].normalize(w["state"])
-        actions = self.normalizers["actions"].normalize(w["actions"])
-        ex["state"] = windows.pad_state(state, lay.state_dim)
-        # Masked steps are zero after normalization too ("missing parts are zero").
-        ex["actions"], ex["action_mask"] = windows.pad_actions(actions, w["action_valid"],
-                                                               lay.action_dim)
+        # The policy builds its model input through the same call (vla/policy.py).
+        ex = transform.model_example(lay, w["images"], w["state"], self.normalizers, self.spec,
+                                     frame_mask={c: w["frame_mask"] for c in w["images"]},
+                                     actions=w["actions"], action_valid=w["action_valid"])
+        state, actions = ex.pop("_state"), ex.pop("_actions")
         if lay.pi05:
             fast_ids = None if self._fast is None else self._fast.encode(
                 windows.hold_past_end(actions, w["action_valid"]))
@@ -247,12 +243,14 @@ def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[],
                              fields=fields)
 
 
-def make_source(source: SourceSpec, data: DataSpec, split: str, tokenizer: Tokenizer,
+def make_source(source: SourceSpec, data: DataSpec, role: str, tokenizer: Tokenizer,
                 fast: FastActions | None = None) -> RobotSource | TextSource:
     """Build one source; raises (before any batch) on an unknown kind, a missing path or spec,
     missing statistics (the dataset's stats.json or the source's `stats` file), statistics of
     other dims, or dims/strides the spec cannot serve. fast: the robot source's FastActions
-    when π0.5 examples carry FAST targets. tokenizer: in data.prompt_format's id layout."""
+    when π0.5 examples carry FAST targets. tokenizer: in data.prompt_format's id layout.
+    role: "train" or "eval" (robot sources: their eval_split, data/robot_data.py; text sources
+    serve training only)."""
     name = source.name
     if source.kind not in KINDS:
         raise ValueError(f"source {name!r}: unknown kind {source.kind!r}; expected one of {KINDS}")
@@ -260,11 +258,10 @@ def make_source(source: SourceSpec, data: DataSpec, split: str, tokenizer: Token
     if not os.path.exists(path):
         raise FileNotFoundError(f"source {name!r}: dataset path {path} does not exist")
     if source.kind != "robot":
-        return TextSource(name, _text_opener(source, data, split), data.layout, tokenizer,
+        return TextSource(name, _text_opener(source, data, "train"), data.layout, tokenizer,
                           data.prompt_format)
-    opener = rlds.robot_opener(path, source.spec, split)
+    opener = robot_data.robot_opener(path, source.spec, source.file_format, role, data.eval_split_of(source))
     opener()  # a wrong path, spec or split is reported before missing statistics
     stats_file = data.stats_file(source)
-    return RobotSource(name, opener, data.layout, data.window,
-                       rlds.robot_spec(source.spec, path).gripper_dims, stats_lib.read(stats_file),
+    return RobotSource(name, opener, data.layout, data.window, stats_lib.read(stats_file),
                        data.normalization, tokenizer, fast, data.prompt_format, stats_file)

@@ -22,32 +22,53 @@ from data.stats import STATS_FILE
 from data.windows import WindowSpec
 
 KINDS = ("robot", "vl", "video", "tfds")
+FORMATS = {"robot": ("rlds", "lerobot"), "vl": ("tfds", "webdataset", "parquet"),
+           "video": ("tfds", "clips"), "tfds": ("tfds",)}
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     """One mixture component.
 
-    kind: robot (RLDS episodes, data/rlds.py), vl / video (our image-text datasets), tfds (any
-    TFDS image-text dataset, data/tfds_image_text.py). path: its dataset directory, relative to
-    DataSpec.root unless absolute; with data_dir, the registered TFDS name. stats (robot): a
+    kind: robot (episodes with actions), vl (image-text), video (clips with text), tfds (any
+    TFDS image-text dataset, data/tfds_image_text.py). format: how the files are laid out
+    (FORMATS[kind]; None: the kind's first): robot "rlds" (data/rlds.py) | "lerobot"
+    (data/lerobot.py); vl "tfds" (ours) | "webdataset" | "parquet" (data/web_image_text.py);
+    video "tfds" (ours) | "clips" (mp4 files + captions, data/video_clips.py). path: its dataset
+    directory, relative to DataSpec.root unless absolute; with data_dir, the registered TFDS
+    name. spec (robot): a data/robots.py dataset spec name or its fields. stats (robot): a
     stats.json, relative to DataSpec.root unless absolute (gs:// too), that replaces the
     dataset's own <path>/stats.json, e.g. an imported checkpoint's (data/stats.from_openpi).
+    eval_split (robot): what the evaluation reads, a split name or "N%" (a hash hold-out of the
+    train episodes, data/robot_data.py); None: DataSpec.eval_split. fields: where a foreign
+    image-text source's image, prompt and target are (data/tfds_image_text.FieldMap fields).
     """
 
     name: str
     kind: str
     path: str
     weight: float
-    spec: str | Mapping[str, Any] | None = None  # robot: a data/rlds.py DatasetSpec name or fields
+    spec: str | Mapping[str, Any] | None = None
     data_dir: str | None = None  # tfds: the data_dir of a registered dataset
-    fields: Mapping[str, Any] | None = None  # tfds: data/tfds_image_text.FieldMap fields
-    stats: str | None = None  # robot: statistics replacing the dataset's stats.json
+    fields: Mapping[str, Any] | None = None
+    stats: str | None = None
+    format: str | None = None
+    eval_split: str | None = None
+
+    def __post_init__(self):
+        if self.kind in FORMATS and self.format is not None and self.format not in FORMATS[self.kind]:
+            raise ValueError(f"source {self.name!r}: format {self.format!r} is not one of kind "
+                             f"{self.kind!r}'s formats {FORMATS[self.kind]}")
+
+    @property
+    def file_format(self) -> str:
+        """format, or the kind's default."""
+        return self.format or FORMATS[self.kind][0]
 
     def entry(self) -> dict[str, Any]:
         """The config entry this was built from, for messages."""
-        out = dict(kind=self.kind, path=self.path, spec=self.spec, weight=self.weight,
-                   data_dir=self.data_dir, fields=self.fields, stats=self.stats)
+        out = dict(kind=self.kind, format=self.format, path=self.path, spec=self.spec, weight=self.weight,
+                   data_dir=self.data_dir, fields=self.fields, stats=self.stats, eval_split=self.eval_split)
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -81,6 +102,9 @@ class DataSpec:
     # "vla": our prompts, special tokens appended to the vocabulary; "openpi": openpi's prompts,
     # FAST ids on the last SentencePiece pieces (data/prompt.py, data/tokenizer.py).
     prompt_format: str = "vla"
+    # What the held-out evaluation reads of each robot source without its own eval_split: a split
+    # name, or "N%" for a hash hold-out of N% of the train episodes (data/robot_data.py).
+    eval_split: str = "heldout"
 
     def __post_init__(self):
         if self.prompt_format not in PROMPT_FORMATS:
@@ -105,6 +129,9 @@ class DataSpec:
     def fast_targets(self) -> bool:
         """Whether robot examples carry FAST action tokens (π0.5 runs with fast.enabled)."""
         return self.layout.pi05 and self.fast.enabled
+
+    def eval_split_of(self, source: SourceSpec) -> str:
+        return source.eval_split or self.eval_split
 
     def dataset_dir(self, source: SourceSpec) -> str:
         """A source's dataset directory: its path, relative to root unless absolute."""

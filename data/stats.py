@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from data import normalize, storage
+from data import normalize, storage, transform
 
 BINS = 8192
 KEYS = ("state", "actions")
@@ -111,17 +111,20 @@ def _open(open_dataset: Callable[[], Any], errors: tuple[type[Exception], ...]) 
 
 
 def _episode_arrays(ids: Sequence[int]):
-    """{"state", "actions"} of each non-empty episode of a shard; None for an unreadable one
+    """{"state", "actions"} of each non-empty episode of a shard, read without decoding an image,
+    actions as the model is trained on them (data/transform.delta); None for an unreadable one
     (both passes skip the same episodes)."""
+    lengths = _dataset.episode_lengths
     for e in ids:
+        if not lengths[int(e)]:
+            continue
         try:
-            ep = _dataset.episode(int(e))
-            arrays = ep.steps(list(range(ep.length))) if ep.length else None
+            arrays = _dataset.lowdim(int(e))
         except _errors:
             yield None
             continue
-        if arrays is not None:
-            yield arrays
+        yield {"state": arrays["state"],
+               "actions": transform.delta(_dataset.spec, arrays["actions"], arrays["state"])}
 
 
 def _moments_pass(ids: Sequence[int]) -> dict:

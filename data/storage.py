@@ -17,10 +17,14 @@ reads it at every call).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from etils import epath
 from etils.epath import backend as epath_backend
@@ -120,6 +124,39 @@ def stage(root: str) -> str:
             shutil.copyfileobj(src, dst, 16 << 20)
         os.replace(tmp, target)
     return local
+
+
+INDEX_DIR = ".vla_index"
+
+
+def cached_json(directory: str, name: str, files: Sequence[str], build: Callable[[], Any]) -> Any:
+    """build()'s JSON-able result, cached as <directory>/.vla_index/<name>.json, or under
+    cache_dir() when the dataset directory is not writable, and rebuilt when any of `files`
+    (the data it was computed from) changed size or modification time since. Written to a
+    temporary name and renamed, so concurrent readers never see half an index."""
+    key = [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    places = [os.path.join(directory, INDEX_DIR),
+              os.path.join(cache_dir(), "index", hashlib.sha1(os.path.abspath(directory).encode()).hexdigest())]
+    for place in places:
+        try:
+            with open(os.path.join(place, f"{name}.json")) as f:
+                cached = json.load(f)
+            if cached["files"] == key:
+                return cached["value"]
+        except (OSError, ValueError, KeyError):
+            continue
+    value = build()
+    for place in places:
+        try:
+            os.makedirs(place, exist_ok=True)
+            tmp = os.path.join(place, f"{name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"files": key, "value": value}, f)
+            os.replace(tmp, os.path.join(place, f"{name}.json"))
+            break
+        except OSError:
+            continue
+    return value
 
 
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -38,10 +38,14 @@ class RobotData(Protocol):
     state_dim: int
     action_dim: int
     episode_lengths: np.ndarray  # int64 [E], known without reading the episodes
+    spec: object  # its data/transform.DatasetSpec (None for synthetic data: no delta actions)
 
     def __len__(self) -> int: ...
 
     def episode(self, index: int) -> Episode: ...
+
+    def lowdim(self, index: int) -> dict:
+        """Episode `index`'s {"state": f32 [N, S], "actions": f32 [N, A]}, no image decoded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +76,25 @@ class ArrayEpisode:
 class ArrayDataset:
     """Episodes held in memory, with RobotDataset's interface (synthetic data, benchmarks)."""
 
-    def __init__(self, episodes: Sequence[ArrayEpisode], name: str = "memory"):
+    def __init__(self, episodes: Sequence[ArrayEpisode], name: str = "memory", spec: object = None):
+        """spec: a data/transform.DatasetSpec (its hold and delta dims), or None: neither."""
         self._episodes = list(episodes)
         self.name = name
         self.control_hz = float(self._episodes[0].control_hz)
         self.state_dim = self._episodes[0].states.shape[-1]
         self.action_dim = self._episodes[0].acts.shape[-1]
         self.episode_lengths = np.array([ep.length for ep in self._episodes], np.int64)
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self._episodes)
 
     def episode(self, index: int) -> ArrayEpisode:
         return self._episodes[index]
+
+    def lowdim(self, index: int) -> dict:
+        ep = self._episodes[index]
+        return {"state": ep.states, "actions": ep.acts}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from etils import epath
 from configs import demo, specs
 from data import fast, fast_targets, normalize, pipeline, prompt, rlds, sources, stats, windows
 from data.tokenizer import Tokenizer, train_sentencepiece
+from data.transform import DatasetSpec
 from tests.data_fixtures import TINY_FAST_VOCAB, tiny_config
 
 TEXTS = ["pick up the block", "open the drawer", "press the button", "what is on the table?",
@@ -43,7 +44,7 @@ def _robot_data(seed: int, bad: tuple[int, int] | None = None) -> windows.ArrayD
                                   rng.normal(size=(n, 4)).astype(np.float32), 80.0, TEXTS[e],
                                   tuple(SUBTASKS[j >= n // 2] for j in range(n)))
         eps.append(_Corrupt(ep, "memory_robot", e, bad[1]) if bad and bad[0] == e else ep)
-    return windows.ArrayDataset(eps)
+    return windows.ArrayDataset(eps, spec=DatasetSpec("memory_robot", {}, (), gripper_dims=(3,)))
 
 
 class _Corrupt:
@@ -80,7 +81,7 @@ def _sources(config, tokenizer, bad=None, fast_actions=None):
     opener = functools.partial(_robot_data, 0, bad)
     return {
         "robot": sources.RobotSource("robot", opener, layout,
-                                     specs.build(config).data.window, (3,), _robot_stats(),
+                                     specs.build(config).data.window, _robot_stats(),
                                      config.data.normalization, tokenizer, fast_actions),
         "vl": sources.TextSource("vl", functools.partial(_text_data, 40), layout, tokenizer),
     }
@@ -301,7 +302,7 @@ def test_generated_data_end_to_end(generated_root):
                                                   "reach the button",
                                                   "press the button from the top", "done")
     assert set(it.stats) == set(it.normalizers) == set(it.fast) == {"metaworld"}
-    heldout = pipeline.make_pipeline(specs.build(config).data, "heldout", process_index=0,
+    heldout = pipeline.make_pipeline(specs.build(config).data, "eval", process_index=0,
                                      process_count=1)
     assert (next(heldout)["source"] == 0).all()  # only the robot dataset has a heldout split
     config.knobs.chunk_s = 1.0  # no FAST fit at horizon 20: an error before any batch
@@ -324,7 +325,7 @@ def test_fast_round_trip_of_generated_windows(generated_root):
     start = int(ds.episode_lengths[:e].sum())
     for step in (10, length - 5):  # inside the episode, and a chunk running past its end
         ex = source[start + step]
-        window = windows.make_window(ds.episode(e), step, spec, ds.spec.gripper_dims)
+        window = windows.make_window(ds.episode(e), step, spec, ds.spec.hold_dims)
         native = windows.hold_past_end(window["actions"], window["action_valid"])
         assert window["action_valid"].all() == (step == 10)
         subtask = prompt.parse_subtask(prompt.decode_target(tok, ex["tokens"], ex["target_mask"]))
@@ -457,7 +458,7 @@ def test_openpi_prompt_format_in_robot_and_text_examples(tokenizer):
         model_file=tokenizer.path)
     config = _pi05_config()
     layout, window = specs.build(config).data.layout, specs.build(config).data.window
-    robot = sources.RobotSource("robot", functools.partial(_robot_data, 0), layout, window, (3,),
+    robot = sources.RobotSource("robot", functools.partial(_robot_data, 0), layout, window,
                                 _robot_stats(), "quantile", tok, None, "openpi")
     ex = robot[5]  # episode 0 (20 steps), step 5
     bins = np.digitize(ex["state"][:4], np.linspace(-1, 1, 257)[:-1]) - 1

@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import specs
 from data import prompt as prompt_lib
-from data import rlds, sources
+from data import robot_data, sources
 from data.layout import resize_with_pad
 from data.normalize import normalizers
 from data.tokenizer import Tokenizer
@@ -41,9 +41,9 @@ def robot_example(config, root: str, tokenizer, fast=None, index: int = 25) -> t
     its recorded subtask)."""
     data = dataclasses.replace(specs.build(config).data, root=root)
     src = data.source("metaworld")
-    source = sources.make_source(src, data, "heldout", tokenizer, fast)
+    source = sources.make_source(src, data, "eval", tokenizer, fast)
     episode, step = source.locate(index)
-    ep = rlds.robot_opener(data.dataset_dir(src), src.spec, "heldout")().episode(episode)
+    ep = robot_data.open_robot(data.dataset_dir(src), src.spec, "rlds", "eval").episode(episode)
     raw = ep.steps([step])
     obs = {"images": {c: f[0] for c, f in raw["images"].items() if c in data.layout.cameras},
            "state": raw["state"][0], "prompt": ep.instruction}

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import rlds
-from data.rlds import CorruptRecordError, DatasetSpec, RobotDataset
+from data import rlds, robots
+from data.rlds import CorruptRecordError, RobotDataset
+from data.transform import DatasetSpec
 from tests.data_fixtures import TINY_IMAGE_SIZE
 
 _READ_WITHOUT_TF = """
@@ -111,7 +112,7 @@ def test_bad_path_and_bad_spec_fail_early(metaworld_rlds_dir, tmp_path):
     with pytest.raises(ValueError, match="observation/image"):
         RobotDataset(metaworld_rlds_dir, wrong_cam)
     wrong_state = DatasetSpec("oxe", {"observation/corner2": "base"}, ("observation/joints",),
-                              action_key="action")
+                              action_keys=("action",))
     with pytest.raises(ValueError, match="observation/joints"):
         RobotDataset(metaworld_rlds_dir, wrong_state)
     wrong_dim = dict(name="oxe", camera_keys={"observation/corner2": "base"},
@@ -119,7 +120,7 @@ def test_bad_path_and_bad_spec_fail_early(metaworld_rlds_dir, tmp_path):
     with pytest.raises(ValueError, match="action has 7 dims"):
         RobotDataset(metaworld_rlds_dir, wrong_dim)
     with pytest.raises(KeyError, match="no dataset spec"):
-        RobotDataset(metaworld_rlds_dir, "bridge")
+        RobotDataset(metaworld_rlds_dir, "no_such_dataset")
     with pytest.raises(ValueError, match="no split"):
         RobotDataset(metaworld_rlds_dir, split="validation")
 
@@ -187,5 +188,5 @@ def test_subtasks_are_optional(tmp_path):
                     {"control_hz": 80.0}, "no subtasks")
     with pytest.raises(ValueError, match="language_subtask"):  # the spec names a missing key
         RobotDataset(path, "metaworld")
-    spec = dataclasses.replace(rlds.SPECS["metaworld"], subtask_key=None)
+    spec = dataclasses.replace(robots.SPECS["metaworld"], subtask_key=None)
     assert "subtask" not in RobotDataset(path, spec).episode(0).steps([0, 1])

@@ -135,6 +135,10 @@ class _Unreadable(windows.ArrayDataset):
             raise rlds.CorruptRecordError("memory", 2, None, OSError("bad record"))
         return super().episode(index)
 
+    def lowdim(self, index):
+        self.episode(index)
+        return super().lowdim(index)
+
 
 def _unreadable(seed: int) -> _Unreadable:
     return _Unreadable(_dataset(seed)._episodes)

@@ -15,20 +15,22 @@ import os
 from absl import app, flags
 
 from configs import cli, specs
-from data import fast_targets, rlds, stats, storage
+from data import fast_targets, rlds, robot_data, stats, storage
 from data.spec import DataSpec
 
 
 def compute_stats(data: DataSpec, workers: int | None = None, progress: bool = True
                   ) -> dict[str, dict]:
-    """Compute and save stats.json for every robot source of the data (over the train split:
-    heldout episodes do not leak into normalization). Returns {source name: stats}.
+    """Compute and save stats.json for every robot source of the data (over its train episodes:
+    evaluation episodes do not leak into normalization). Returns {source name: stats}.
     workers defaults to the data's reader workers."""
     workers = data.workers if workers is None else workers
     out = {}
     for source in data.robot_sources:
         directory = data.dataset_dir(source)
-        out[source.name] = stats.dataset_stats(rlds.robot_opener(directory, source.spec),
+        opener = robot_data.robot_opener(directory, source.spec, source.file_format, "train",
+                                         data.eval_split_of(source))
+        out[source.name] = stats.dataset_stats(opener,
                                                workers=workers, progress=progress,
                                                errors=(rlds.CorruptRecordError,))
         stats.save_stats(directory, out[source.name])

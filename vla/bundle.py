@@ -61,8 +61,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import specs as specs_lib
-from data import fast_targets, rlds, storage
+from data import fast_targets, storage
 from data.layout import Layout
+from data.robots import get_spec
 from data.spec import DataSpec
 from vla import optimizer as optimizer_lib
 from vla.checkpoint import restore_state_entry
@@ -154,12 +155,13 @@ def describe(spec: specs_lib.RunSpec, ckpt_metadata: dict, source: str | None = 
         raise ValueError("the model has no trained action head: flow_loss_weight is 0 and the run "
                          "had no FAST action targets")
     source_spec = data.source(source)
-    dataset_spec = rlds.robot_spec(source_spec.spec, source_spec.path)
+    dataset_spec = get_spec(source_spec.spec)
     return {
         "mode": m.mode, "cameras": list(m.cameras), "image_size": m.image_size,
         "context_frames": m.context_frames, "context_stride_s": data.window.stride_s,
         "state_dim": len(stats[source]["state"]["mean"]), "action_dim": len(stats[source]["actions"]["mean"]),
         "model_state_dim": m.state_dim, "model_action_dim": m.action_dim,
+        "robot_action_dim": dataset_spec.raw_action_dim(len(stats[source]["actions"]["mean"])),
         "action_horizon": c.horizon, "control_hz": c.control_hz,
         "chunk_s": c.chunk_s, "steps_executed": c.steps_executed, "flow_steps": c.flow_steps,
         "max_text_tokens": m.max_text_tokens,
@@ -171,6 +173,9 @@ def describe(spec: specs_lib.RunSpec, ckpt_metadata: dict, source: str | None = 
         # π0.5 decodes a subtask first when its robot data taught one; stage 1 (no flow head)
         # reads its actions from generated FAST tokens.
         "subtask": bool(pi05 and m.text_loss_weight and dataset_spec.subtask_key),
+        # How the robot's raw observations become model inputs and the chunk its actions
+        # (data/transform.py): a served policy reads the robot's own layout through it.
+        "robot_spec": dataset_spec.fields(),
         "fast_targets": data.fast_targets,
         "actions_from": "fast" if pi05 and not m.flow_loss_weight else "flow",
     }

@@ -3,14 +3,23 @@
     policy = Policy.from_bundle("BUNDLE")                     # a tools.export bundle; compiles at load
     policy = Policy.from_model(spec, model, ckpt_metadata)    # in memory (the trainer's eval hooks)
     out = policy.infer({"images": {"corner2": uint8 [h, w, 3]},   # or [t, h, w, 3], current frame last
-                        "state": float [S_native], "prompt": "reach the goal"})
-    out["actions"]    f32 [H, A_native] at metadata["control_hz"], native units
+                        "state": float [S], "prompt": "reach the goal"})
+    out = policy.infer({"observation/image": ..., "observation/state": ..., "prompt": ...})
+                                                 # the robot's own layout (metadata["robot_spec"])
+    out["actions"]    f32 [H, A_robot] at metadata["control_hz"], the robot's units and layout
     out["subtask"]    str | None (π0.5: the subtask the model decoded first)
     out["infer_ms"]   this call's latency; policy.latency_stats() summarizes all calls since load
 
-An inference builds the model's inputs exactly as the training pipeline builds a robot example
-(data/sources.RobotSource), for the robot source whose statistics the policy uses
-(metadata["source"]):
+An observation comes in one of two layouts:
+  - the robot's own (its raw keys, as the source's dataset spec declares them,
+    metadata["robot_spec"]: e.g. openpi's LIBERO client's "observation/image", "observation/state",
+    "prompt"), turned into cameras and canonical state by data/transform.observation, the same
+    steps the training readers apply to the dataset's rows;
+  - the model's: {"images": {camera: ...}, "state": canonical state [state_dim], "prompt"} (our
+    simulators and vla.client send this; for Meta-World it is also the robot's).
+An inference then builds the model's inputs exactly as the training pipeline builds a robot
+example, through the same data/transform.model_example (data/sources.RobotSource), for the robot
+source whose statistics the policy uses (metadata["source"]):
 
   1. each camera's frames resized with Layout.camera_frames (aspect-preserving bilinear, zero
      padding); with fewer frames than context_frames the missing past ones are masked
@@ -24,7 +33,8 @@ An inference builds the model's inputs exactly as the training pipeline builds a
   5. actions: the flow sampler from the given noise (bundle.action_sampler, the bundle's exported
      function); with prefix_actions, real-time chunking's guided sampling (vla/rtc.py weights);
      π0.5 stage 1 (flow_loss_weight 0): the FAST tokens generated after the subtask, decoded
-  6. the first A_native dims unnormalized with the source's statistics
+  6. data/transform.robot_actions: the first action_dim dims unnormalized with the source's
+     statistics, delta dims made absolute again, gripper and rotation back to the robot's units
 
 Bad observations raise ValueError naming the problem (a server sends the message back).
 """
@@ -40,14 +50,14 @@ import numpy as np
 from flax import nnx
 
 from configs import specs as specs_lib
-from data import fast_targets, normalize, storage
+from data import fast_targets, normalize, storage, transform
 from data import prompt as prompt_lib
+from data.robots import get_spec
 from data.tokenizer import Tokenizer
-from data.windows import pad_state
 from vla import bundle as bundle_lib
 from vla import rtc
 
-OBSERVATION_KEYS = ("images", "state", "prompt")
+OBSERVATION_KEYS = ("images", "state", "prompt")  # the model's layout; the robot's: metadata["robot_spec"]
 # Every bad input raises ValueError, wrong types included: a server turns ValueError into an
 # error reply (vla/serve.py), anything else is a bug of the policy.
 
@@ -77,6 +87,10 @@ class Policy:
         self.spec, self.metadata = spec, metadata
         self._layout = spec.data.layout
         self._norm = normalize.normalizers(metadata["stats"][metadata["source"]], metadata["normalization"])
+        # Bundles exported before metadata carried the spec name it in their config.
+        self.robot_spec = transform.DatasetSpec.from_fields(metadata["robot_spec"]) if "robot_spec" in metadata \
+            else get_spec(spec.data.source(metadata["source"]).spec)
+        metadata.setdefault("robot_action_dim", self.robot_spec.raw_action_dim(metadata["action_dim"]))
         self._tokenizer, self._fast, self._params = tokenizer, fast, params
         self._rng = np.random.default_rng(seed)
         self._sample = jax.jit(bundle_lib.action_sampler(graphdef, int(metadata["flow_steps"])))
@@ -145,15 +159,15 @@ class Policy:
         """One action chunk (see the module docstring).
 
         noise: f32 [H, A_model] (model_action_dim) starting point of the flow sampler; else drawn
-        from rng_seed, else from the policy's own generator. prefix_actions: f32 [k, A_native]
-        native units, the previous chunk's actions for this chunk's steps 0..k-1 (k <= H), and
+        from rng_seed, else from the policy's own generator. prefix_actions: f32 [k, A_robot] in
+        the robot's units (as returned), the previous chunk's actions for this chunk's steps 0..k-1 (k <= H), and
         inference_delay d <= k: sampling is guided toward them (weights 1 before d, decaying to 0
-        at k). Returns {"actions": f32 [H, A_native], "subtask": str | None, "infer_ms": float}.
+        at k). Returns {"actions": f32 [H, A_robot], "subtask": str | None, "infer_ms": float}.
         """
         start = time.perf_counter()
-        example, bins = self._observe(observation)
+        example, bins, state = self._observe(observation)
         text = observation["prompt"]
-        guide = self._guide(prefix_actions, inference_delay)
+        guide = self._guide(prefix_actions, inference_delay, state)
         noise = self._noise(noise, rng_seed)
         m = self.metadata
         subtask, generated = None, None
@@ -162,13 +176,13 @@ class Policy:
             subtask = prompt_lib.parse_subtask(prompt_lib.decode_target(
                 self._tokenizer, generated, np.ones(len(generated), bool)))
         if m["actions_from"] == "fast":
-            actions = self._fast.decode_generated(self._tokenizer, generated)  # [H, A_native]
+            actions = self._fast.decode_generated(self._tokenizer, generated)  # [H, A]
         else:
             tokens, subtask = self._action_tokens(text, bins, subtask)
             batch = _batched({**example, **tokens})
             guide = tuple(g[None] for g in guide)  # () without prefix_actions: plain sampling
             actions = np.asarray(self._sample(self._params, batch, noise[None], *guide))[0]
-        actions = self._norm["actions"].unnormalize(actions[:, :m["action_dim"]])
+        actions = transform.robot_actions(self.robot_spec, actions, state, self._norm)
         ms = (time.perf_counter() - start) * 1e3
         self.latencies_ms.append(ms)
         return {"actions": actions, "subtask": subtask, "infer_ms": ms}
@@ -176,7 +190,7 @@ class Policy:
     def batch(self, observation: Mapping[str, Any], subtask: str | None = None) -> dict[str, np.ndarray]:
         """The action sampler's inputs for an observation (batch of 1, bundle.SAMPLE_KEYS; what
         the bundle's exported function takes), with a given subtask for π0.5 subtask models."""
-        example, bins = self._observe(observation)
+        example, bins, _ = self._observe(observation)
         tokens, _ = self._action_tokens(observation["prompt"], bins, subtask)
         return _batched({**example, **tokens})
 
@@ -191,16 +205,37 @@ class Policy:
 
     # ------------------------------------------------------------------ inputs
 
-    def _observe(self, observation: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Validated observation -> (example without tokens, π0.5 state bins int [S_native] or None)."""
+    def _observe(self, observation: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+        """Validated observation (either layout) -> (example without tokens and actions, π0.5
+        state bins int [S] or None, canonical state f32 [S])."""
         if not isinstance(observation, Mapping):
             kind = type(observation).__name__
-            raise ValueError(f"observation must be a dict with {list(OBSERVATION_KEYS)}, got {kind}")  # noqa: TRY004
+            raise ValueError(f"observation must be a dict with {list(OBSERVATION_KEYS)} or the robot's keys, "  # noqa: TRY004
+                             f"got {kind}")
+        if "prompt" not in observation:
+            raise ValueError("observation is missing ['prompt']")
+        lay = self._layout
+        if "images" in observation:
+            images, state = self._model_layout(observation)
+        else:
+            images, state = transform.observation(self.robot_spec, observation)
+        example = transform.model_example(lay, images, state, self._norm, self.robot_spec)
+        normalized = example.pop("_state")
+        bins = prompt_lib.state_bins(normalized, self.spec.data.prompt_format) if lay.pi05 else None
+        prompt = observation["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")  # noqa: TRY004
+        if self._tokens(prompt, bins, None)["truncated"]:
+            raise ValueError(f"prompt too long: {len(self._tokenizer.encode(prompt))} tokens do not fit the "
+                             f"model's max_text_tokens={lay.max_len} with the rest of its text")
+        return example, bins, state
+
+    def _model_layout(self, observation: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The model's layout {"images": {camera: ...}, "state": canonical [S]}, checked."""
         missing = [k for k in OBSERVATION_KEYS if k not in observation]
         if missing:
             raise ValueError(f"observation is missing {missing}")
         lay, m = self._layout, self.metadata
-        example = lay.empty()
         images = observation["images"]
         if not isinstance(images, Mapping):
             kind = type(images).__name__
@@ -208,13 +243,10 @@ class Policy:
         unknown = sorted(str(c) for c in images if c not in lay.cameras)
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown}; the policy's cameras are {list(lay.cameras)}")
-        for c, cam in enumerate(lay.cameras):
+        for cam in lay.cameras:
             if cam not in images:
                 raise ValueError(f"camera {cam!r} missing from images; the cameras are {list(lay.cameras)}")
-            frames = _frames(cam, images[cam])
-            example["images"][cam] = lay.camera_frames(frames)
-            example["image_mask"][c] = True
-            example["frame_mask"][c, lay.frames - min(len(frames), lay.frames):] = True
+        frames = {cam: _frames(cam, images[cam]) for cam in lay.cameras}
         state = observation["state"]
         state = np.asarray(state) if not isinstance(state, np.ndarray) else state
         if state.dtype.kind not in "fiu":
@@ -223,18 +255,7 @@ class Policy:
             raise ValueError(f"state must have shape [{m['state_dim']}], got {list(state.shape)}")
         if not np.all(np.isfinite(state)):
             raise ValueError(f"state has non-finite values: {state.tolist()}")
-        state = self._norm["state"].normalize(state.astype(np.float32))
-        example["state"] = pad_state(state, lay.state_dim)
-        bins = prompt_lib.state_bins(state, self.spec.data.prompt_format) if lay.pi05 else None
-        prompt = observation["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")  # noqa: TRY004
-        if self._tokens(prompt, bins, None)["truncated"]:
-            raise ValueError(f"prompt too long: {len(self._tokenizer.encode(prompt))} tokens do not fit the "
-                             f"model's max_text_tokens={lay.max_len} with the rest of its text")
-        for k in ("actions", "action_mask"):
-            del example[k]
-        return example, bins
+        return frames, state.astype(np.float32)
 
     def _tokens(self, text: str, bins: np.ndarray | None, subtask: str | None) -> dict:
         """build_tokens as the training pipeline calls it for robot examples; with FAST targets
@@ -282,8 +303,10 @@ class Policy:
         rng = self._rng if rng_seed is None else np.random.default_rng(rng_seed)
         return rng.standard_normal(shape, np.float32)
 
-    def _guide(self, prefix_actions: np.ndarray | None, inference_delay: int) -> tuple[np.ndarray, ...]:
-        """prefix_actions -> (guide f32 [H, A_model] normalized, weights f32 [H, A_model]), or ()."""
+    def _guide(self, prefix_actions: np.ndarray | None, inference_delay: int, state: np.ndarray
+               ) -> tuple[np.ndarray, ...]:
+        """prefix_actions (robot units) -> (guide f32 [H, A_model] normalized as training normalized
+        chunks at this canonical state, weights f32 [H, A_model]), or ()."""
         if isinstance(inference_delay, bool) or not isinstance(inference_delay, (int, np.integer)):
             kind = type(inference_delay).__name__
             raise ValueError(f"inference_delay must be an int, got {kind}")  # noqa: TRY004
@@ -297,8 +320,8 @@ class Policy:
                              "model decodes its actions from FAST tokens")
         prefix = np.asarray(prefix_actions)
         if prefix.dtype.kind not in "fiu" or prefix.ndim != 2 or not 1 <= len(prefix) <= h \
-                or prefix.shape[1] != m["action_dim"]:
-            raise ValueError(f"prefix_actions must be numeric [k, {m['action_dim']}] with 1 <= k <= {h}, "
+                or prefix.shape[1] != m["robot_action_dim"]:
+            raise ValueError(f"prefix_actions must be numeric [k, {m['robot_action_dim']}] with 1 <= k <= {h}, "
                              f"got {prefix.dtype} {list(prefix.shape)}")
         if not np.all(np.isfinite(prefix)):
             raise ValueError("prefix_actions has non-finite values")
@@ -306,7 +329,8 @@ class Policy:
         if not 0 <= inference_delay <= k:
             raise ValueError(f"inference_delay must be in [0, {k}] (the prefix length), got {inference_delay}")
         guide = np.zeros((h, a), np.float32)
-        guide[:k, :m["action_dim"]] = self._norm["actions"].normalize(prefix.astype(np.float32))
+        canonical = transform.delta(self.robot_spec, transform.actions_from_robot(self.robot_spec, prefix), state)
+        guide[:k, :m["action_dim"]] = self._norm["actions"].normalize(canonical)
         weights = np.zeros((h, a), np.float32)  # padded action dims are not the robot's: unguided
         weights[:, :m["action_dim"]] = rtc.guidance_weights(h, int(inference_delay), k)[:, None]
         return guide, weights

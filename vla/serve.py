@@ -29,6 +29,7 @@ from absl import logging as absl_logging
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from data import transform
 from vla import msgpack_numpy
 from vla.client import TOKEN_ENV, read_token
 from vla.policy import Policy
@@ -52,21 +53,30 @@ class RequestError(ValueError):
 def check_request(request: Any, metadata: dict) -> tuple[dict, dict]:
     """A decoded request -> (observation, infer options) for Policy.infer, or RequestError.
 
-    request: the observation {"images": {cam: uint8 [h, w, 3] or [t, h, w, 3]}, "state": float
-    [S_native], "prompt": str} plus the optional infer options "rng_seed" (int >= 0),
-    "prefix_actions" (float [k, A_native]) and "inference_delay" (int). This checks what the
+    request: an observation, in the model's layout {"images": {cam: uint8 [h, w, 3] or [t, h, w,
+    3]}, "state": float [S], "prompt": str} or in the robot's own (metadata["robot_spec"]'s keys,
+    e.g. openpi's LIBERO client: "observation/image", "observation/wrist_image",
+    "observation/state", "prompt"), plus the optional infer options "rng_seed" (int >= 0),
+    "prefix_actions" (float [k, A_robot]) and "inference_delay" (int). This checks what the
     policy cannot: the message's shape, the option types, and (cheaply, before the prompt is
     tokenized) metadata["max_prompt_chars"]; Policy.infer checks the observation's contents
     (cameras, dtypes, shapes, the prompt's token count) before it runs the model.
     """
     if not isinstance(request, dict):
         raise RequestError(f"request must be a map, got {type(request).__name__}")
-    missing = [k for k in OBSERVATION_KEYS if k not in request]
+    robot_keys = list(transform.DatasetSpec.from_fields(metadata["robot_spec"]).client_keys()) \
+        if "robot_spec" in metadata else []
+    model_layout = "images" in request or not robot_keys
+    keys = list(OBSERVATION_KEYS) if model_layout else [*robot_keys, "prompt"]
+    # A nested observation ({"observation": {"image": ...}}) names its keys' first parts.
+    allowed = {*keys, *(k.split("/")[0] for k in keys), *OPTION_KEYS}
+    missing = [k for k in keys if k not in request and k.split("/")[0] not in request]
     if missing:
-        raise RequestError(f"request is missing {missing}; an observation has {list(OBSERVATION_KEYS)}")
-    unknown = sorted(str(k) for k in request if k not in OBSERVATION_KEYS + OPTION_KEYS)
+        also = "" if not robot_keys else f", or in the robot's layout {[*robot_keys, 'prompt']}"
+        raise RequestError(f"request is missing {missing}; an observation has {list(OBSERVATION_KEYS)}{also}")
+    unknown = sorted(str(k) for k in request if k not in allowed)
     if unknown:
-        raise RequestError(f"unknown request key(s) {unknown}; allowed: {list(OBSERVATION_KEYS + OPTION_KEYS)}")
+        raise RequestError(f"unknown request key(s) {unknown}; allowed: {sorted(allowed)}")
     prompt = request["prompt"]
     if isinstance(prompt, str) and len(prompt) > metadata["max_prompt_chars"]:
         raise RequestError(f"prompt too long: {len(prompt)} characters, at most {metadata['max_prompt_chars']}")
@@ -77,7 +87,7 @@ def check_request(request: Any, metadata: dict) -> tuple[dict, dict]:
             raise RequestError(f"{key} must be a non-negative int, got {value!r}")
         if key in options:
             options[key] = int(value)
-    return {k: request[k] for k in OBSERVATION_KEYS}, options
+    return {k: v for k, v in request.items() if k not in OPTION_KEYS}, options
 
 
 # ------------------------------------------------------------------------------- server

@@ -386,7 +386,7 @@ def train(run: Run, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(spec.mesh.rules):
         evaluator = None
         if spec.train.eval_batches:
-            heldout = pipeline_lib.make_pipeline(spec.data, "heldout", process_index=jax.process_index(),
+            heldout = pipeline_lib.make_pipeline(spec.data, "eval", process_index=jax.process_index(),
                                                  process_count=jax.process_count())
             evaluator = Evaluator(run.graphdef, run.mesh, spec.mesh.rules, heldout,
                                   batches=spec.train.eval_batches, seed=spec.train.seed,
