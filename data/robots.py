@@ -56,6 +56,21 @@ register(DatasetSpec(
     action_dim=4,
 ))
 
+# Our Meta-World data as tools.convert lerobot-export writes it (data/lerobot_export.py): cameras
+# observation.images.<camera>, the subtask as a per-frame string feature.
+register(DatasetSpec(
+    name="metaworld_lerobot",
+    camera_keys={f"observation.images.{c}": c for c in ("corner2", "corner3", "corner4", "topview", "gripperPOV",
+                                                          "behindGripper", "corner")},
+    state_keys=("observation.state",),
+    action_keys=("action",),
+    instruction_key="task",
+    subtask_key="language_subtask",
+    gripper_dims=(3,),
+    state_dim=4,
+    action_dim=4,
+))
+
 # LIBERO as openpi fine-tunes on it (the LeRobot dataset physical-intelligence/libero: "image",
 # "wrist_image" 256² uint8, "state" f32 [8] = eef pos 3 + axis-angle 3 + gripper qpos 2, "actions"
 # f32 [7] = delta eef 6 + gripper in [-1 (open), 1 (closed)], 10 fps, tasks as instructions), and

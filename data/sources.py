@@ -9,12 +9,15 @@ Kinds (SourceSpec.kind, data/spec.py):
             targets = the step's subtask (datasets that record one) and, with a FAST tokenizer
             (data/fast_targets.py), the chunk's FAST tokens; normalized with the dataset's
             stats.json or the source's `stats` file (DataSpec.stats_file)
-    vl      vision-language examples (written by data/scenes.py): prompt -> target text
-    video   video clips (written by data/video.py): t frames, prompt -> target text
-            (both read with data/tfds_image_text.ImageTextSource)
+    vl      vision-language examples: ours (written by data/scenes.py, format "tfds"), or
+            webdataset tar shards / parquet files (format "webdataset" / "parquet",
+            data/web_image_text.py): prompt -> target text
+    video   video clips: ours (written by data/video.py, format "tfds"), or real mp4 clips with
+            a captions file (format "clips", data/video_clips.py): t frames, prompt -> target
     tfds    any TFDS image-text dataset: path = its directory, or its registered name with
             data_dir; fields = dict of data/tfds_image_text.FieldMap (image_key, prompt
             template, target_key)
+Foreign text formats take their reader's keyword arguments as `fields`.
 Text examples keep frames of a camera the model has under that camera, else put their (first)
 view in the first camera; other cameras, state and actions are zero and masked. Prompts follow
 DataSpec.prompt_format (data/prompt.py).
@@ -29,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from data import normalize, prompt, robot_data, transform, windows
+from data import normalize, prompt, robot_data, transform, video_clips, windows
 from data import stats as stats_lib
 from data import tfds_image_text as tit
+from data import web_image_text as web
 from data.fast_targets import FastActions
 from data.layout import Layout
 from data.spec import KINDS, DataSpec, SourceSpec
@@ -233,14 +237,25 @@ def _tokens(tokenizer, text, target, max_len, prompt_format, state_bins=None,
 
 # ------------------------------------------------------------------ construction from a spec
 def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[], Sequence[dict]]:
-    """vl / video: our canonical text datasets; tfds: a foreign image-text dataset, a directory
-    or (with data_dir) a registered name, read through source.fields (data/tfds_image_text.py)."""
+    """vl / video in our TFDS layout; a foreign TFDS image-text dataset (kind tfds: a directory or,
+    with data_dir, a registered name, read through data/tfds_image_text.FieldMap fields); webdataset
+    tar shards or parquet files (data/web_image_text.py) and folders of video clips with captions
+    (data/video_clips.py), each taking its constructor's keyword arguments as `fields`. Clips
+    default to the model's context frames at the run's context stride."""
+    fields = dict(source.fields or {})
+    fmt = source.file_format
+    if fmt == "webdataset":
+        return functools.partial(web.WebDatasetSource, data.dataset_dir(source), **fields)
+    if fmt == "parquet":
+        return functools.partial(web.ParquetImageTextSource, data.dataset_dir(source), **fields)
+    if fmt == "clips":
+        fields = {"frames": data.layout.frames, "stride_s": data.window.stride_s, **fields}
+        return functools.partial(video_clips.ClipSource, data.dataset_dir(source), **fields)
     if source.kind in ("vl", "video"):
         return functools.partial(tit.ImageTextSource, data.dataset_dir(source), split=split)
-    fields = tit.FieldMap(**dict(source.fields or {}))
     where = source.path if source.data_dir else data.dataset_dir(source)
     return functools.partial(tit.ImageTextSource, where, split=split, data_dir=source.data_dir,
-                             fields=fields)
+                             fields=tit.FieldMap(**fields))
 
 
 def make_source(source: SourceSpec, data: DataSpec, role: str, tokenizer: Tokenizer,

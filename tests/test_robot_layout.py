@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -23,6 +22,7 @@ from data import rlds, robot_data, sources, transform
 from data.normalize import Normalizer
 from data.robots import get_spec
 from data.tokenizer import Tokenizer
+from tests import reference_packages
 from tests.test_train import small_config
 from tools.stats import compute_stats
 from vla import bundle
@@ -120,18 +120,9 @@ def test_train_and_eval_episodes_partition_the_train_split(libero):
     assert held._episodes.tolist() == again._episodes.tolist()  # deterministic
 
 
-def _openpi_client(tmp_dir: str) -> None:
-    """openpi-client from the package index, importable. Its wheel pins numpy < 2 (ours is 2), so it
-    is fetched without dependencies and imported from the wheel: its code runs on numpy 2."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp_dir, OPENPI_CLIENT],
-                   check=True)
-    (wheel,) = [f for f in os.listdir(tmp_dir) if f.endswith(".whl")]
-    sys.path.insert(0, os.path.join(tmp_dir, wheel))
-
-
-def test_openpi_client_gets_a_chunk_in_the_robots_units(libero, tmp_path):
+def test_openpi_client_gets_a_chunk_in_the_robots_units(libero):
     config, policy = libero
-    _openpi_client(str(tmp_path))
+    sys.path.insert(0, reference_packages.wheel(OPENPI_CLIENT))
     from openpi_client import websocket_client_policy
 
     data = specs.build(config).data
