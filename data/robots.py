@@ -8,9 +8,14 @@ a user adds a dataset without touching this file:
                   state_keys=("observation/state",), action_keys=("action",),
                   action_gripper=dict(dim=6, open=1.0, closed=0.0)))
 
+Keys with dots (LeRobot's "observation.images.top") cannot be dict keys in a config (ConfigDict
+refuses them): give camera_keys and request_keys as pairs there, e.g.
+camera_keys=(("observation.images.top", "base"), ("observation.images.wrist", "left_wrist")).
+
 To register one here instead, add a `register(DatasetSpec(...))` below, written from the
-dataset's feature structure (`python -m tools.stats --describe DIR` prints it; TFDS's OXE builders
-under tensorflow_datasets/robotics/rtx state every Open X-Embodiment dataset's features). Camera
+dataset's feature structure (an RLDS dataset's dataset_info.json / features.json, a LeRobot
+dataset's meta/info.json; a spec naming a key the data lacks is refused with the keys present;
+TFDS's catalog pages list every Open X-Embodiment dataset's features). Camera
 names are the model's (config.model.cameras): the π0 configs use base / left_wrist / right_wrist.
 """
 from __future__ import annotations

@@ -142,7 +142,7 @@ class DatasetSpec:
     """
 
     name: str
-    camera_keys: Mapping[str, str]  # raw image key -> model camera name
+    camera_keys: Mapping[str, str]  # raw image key -> model camera name (from_fields: also (key, name) pairs)
     state_keys: tuple[str, ...]  # concatenated in this order
     action_keys: tuple[str, ...] = ("action",)  # concatenated in this order
     instruction_key: str = "language_instruction"  # a step key, or an episode key (RLDS metadata)
