@@ -51,7 +51,8 @@ def test_a_mixture_of_every_format_trains(generated_root, converted, tmp_path): 
         f.write(json.dumps({"video": "drawer.mp4", "caption": "a robot opens a drawer"}) + "\n")
     shutil.copy(os.path.join(generated_root, "tokenizer.model"), root)
     # Pairs, not a dict: a config's dicts are ConfigDicts, which refuse dotted keys like LeRobot's.
-    lerobot_spec = {**SPEC, "camera_keys": (("observation.images.top", "base"), ("observation.images.wrist", "left_wrist"))}
+    lerobot_spec = {**SPEC, "camera_keys": (("observation.images.top", "base"),
+                                            ("observation.images.wrist", "left_wrist"))}
 
     c = small_config(root, total_steps=3, eval_every=3, checkpoint_every=3)
     c.model.cameras = ("base", "left_wrist", "right_wrist")
