@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.episodes_per_task = 60
     c.data.heldout_episodes_per_task = 4
     c.data.render_cameras = ("corner2",)
-    c.data.sources.metaworld = dict(kind="robot", path="metaworld_rlds", spec="metaworld", weight=0.8)
+    c.data.sources.metaworld = dict(kind="robot", format="rlds", path="metaworld_rlds", spec="metaworld",
+                                    weight=0.8)
     c.data.sources.scenes_vl = dict(kind="vl", path="scenes_vl", weight=0.1)
     c.data.sources.rollout_video = dict(kind="video", path="rollout_video", weight=0.1)
 

@@ -77,8 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if datasets:
         name = datasets[0]
         fmt, eval_split = DATASETS[name]
-        c.data.sources.robot = dict(kind="robot", format=fmt, path=name, spec=name, weight=1.0, stats="",
-                                    eval_split=eval_split)
+        c.data.sources.robot.update(format=fmt, path=name, spec=name, eval_split=eval_split)
         hz = get_spec(name).control_hz or LEROBOT_FPS[name]
         c.knobs.control_hz = hz
         c.knobs.chunk_s = HORIZON / hz

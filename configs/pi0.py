@@ -7,7 +7,7 @@ Commands:
         --config.data.sources.robot.spec=NAME
 
 Data: one robot dataset in RLDS at DATA/robot (data.sources.robot), read through the
-data/rlds.py DatasetSpec NAME, which maps its camera keys to base / left_wrist / right_wrist
+data/robots.py dataset spec NAME, which maps its camera keys to base / left_wrist / right_wrist
 and names its state and action keys; stats.json beside it (python -m tools.stats), or the
 checkpoint's statistics with --config.data.sources.robot.stats=FILE (data/stats.from_openpi).
 
@@ -56,8 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.prompt_format = "openpi"
     c.data.normalization = "meanstd"
-    # stats "": the dataset's own stats.json; a path (e.g. an imported checkpoint's) replaces it.
-    c.data.sources.robot = dict(kind="robot", path="robot", spec=placeholder(str), weight=1.0, stats="")
+    # format: rlds | lerobot. stats "": the dataset's own stats.json; a path (e.g. an imported
+    # checkpoint's) replaces it. eval_split "": data.eval_split (a split name or "N%").
+    c.data.sources.robot = dict(kind="robot", format="rlds", path="robot", spec=placeholder(str), weight=1.0,
+                                stats="", eval_split="")
     c.mesh.data = 1
     c.mesh.fsdp = -1
     return c

@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import specs
-from data import rlds, robot_data, sources, transform
+from data import pipeline, rlds, robot_data, sources, transform
 from data.normalize import Normalizer
 from data.robots import get_spec
 from data.tokenizer import Tokenizer
@@ -190,3 +190,14 @@ def test_observation_errors_name_the_key_and_the_keys_present():
                                      "observation/state": np.zeros(5)})
     with pytest.raises(ValueError, match="unknown dataset spec field"):
         transform.DatasetSpec.from_fields({"name": "x", "camera_keys": {}, "state_keys": (), "action_key": "a"})
+
+
+def test_a_missing_eval_split_names_the_splits_there_and_the_hold_out(libero):
+    config, _ = libero
+    config = config.copy_and_resolve_references()
+    config.data.sources.libero.eval_split = None
+    config.data.eval_split = "val"
+    with pytest.raises(ValueError, match=r"eval_split 'val'.*\['train'\].*'5%'"):
+        pipeline.make_pipeline(specs.build(config).data, "eval", process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="percentage in"):
+        robot_data.parse_eval_split("150%")
