@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data.rlds import CorruptRecordError, encode_png, open_builder, shard_of
+from data.transform import lookup
 
 
 def text_features(cameras: Sequence[str], image_size: int) -> tfds.features.FeaturesDict:
@@ -55,16 +56,6 @@ class FieldMap:
 COCO_CAPTIONS = FieldMap(image_key="image", prompt="caption en", target_key="captions/text")
 
 
-def _get(tree: Any, path: str) -> Any:
-    """tree[path] along '/'-separated keys; some TFDS keys contain '/' ("image/id")."""
-    if path in tree:
-        return tree[path]
-    head, _, rest = path.partition("/")
-    if not rest or not hasattr(tree[head], "__getitem__"):
-        raise KeyError(path)
-    return _get(tree[head], rest)
-
-
 def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim):
         value = value[0] if len(value) else b""
@@ -94,7 +85,7 @@ class ImageTextSource:
                 name for _, name, _, _ in string.Formatter().parse(fields.prompt) if name)]
         for key in needed:
             try:
-                _get(features, key)
+                lookup(features, key, "features")
             except KeyError:
                 raise ValueError(f"{self.name!r} has no feature {key!r}; top-level features: "
                                  f"{list(features)}") from None
@@ -116,12 +107,12 @@ class ImageTextSource:
                     "prompt": _text(record["prompt"]), "target": _text(record["target"]),
                     "task": _text(record["task"])}
         f = self.fields
-        values = {name: _text(_get(record, name))
+        values = {name: _text(lookup(record, name))
                   for _, name, _, _ in string.Formatter().parse(f.prompt) if name}
-        image = np.asarray(_get(record, f.image_key), np.uint8)
+        image = np.asarray(lookup(record, f.image_key), np.uint8)
         if image.ndim == 2 or image.shape[-1] == 1:
             image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
         return {"images": {f.camera: image[None]},
                 "prompt": f.prompt.format_map(values),
-                "target": _text(_get(record, f.target_key)),
+                "target": _text(lookup(record, f.target_key)),
                 "task": f.task or self.name}

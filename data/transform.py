@@ -239,7 +239,7 @@ _MISSING = object()
 def _walk(node: Any, path: str) -> Any:
     """node[path], where any '/' may separate levels or belong to a key (TFDS allows
     "clip_function_input/base_pose_tool_reached" as one feature name)."""
-    if not isinstance(node, Mapping):
+    if not _is_map(node):
         return _MISSING
     if path in node:
         return node[path]
@@ -254,11 +254,18 @@ def _walk(node: Any, path: str) -> Any:
     return _MISSING
 
 
+def _is_map(node: Any) -> bool:
+    """A dict, or dict-like (a TFDS FeaturesDict is not a Mapping)."""
+    return hasattr(node, "keys") and hasattr(node, "__getitem__") and hasattr(node, "__contains__")
+
+
 def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     """'/'-joined paths of every leaf of a nested dict."""
+    if not _is_map(tree):
+        return []
     out = []
     for k, v in tree.items():
-        if isinstance(v, Mapping):
+        if _is_map(v):
             out += flat_keys(v, f"{prefix}{k}/")
         else:
             out.append(f"{prefix}{k}")

@@ -33,6 +33,7 @@ from PIL import Image
 
 from data import storage
 from data.rlds import CorruptRecordError
+from data.transform import lookup
 
 PathsOrDir = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -76,18 +77,6 @@ def template_fields(prompt: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(prompt) if name]
 
 
-def get_path(tree: Any, path: str, _whole: str | None = None) -> Any:
-    """tree[a][b] for path "a/b" (a key that itself contains '/' is tried whole first); a
-    KeyError names the path and the keys where it stopped."""
-    if isinstance(tree, dict) and path in tree:
-        return tree[path]
-    head, _, rest = path.partition("/")
-    if rest and isinstance(tree, dict) and head in tree:
-        return get_path(tree[head], rest, _whole or path)
-    there = sorted(tree) if isinstance(tree, dict) else f"none, a {type(tree).__name__}"
-    raise KeyError(f"{_whole or path!r} (keys at {path!r}: {there})")
-
-
 def as_text(value: Any) -> str:
     """A text value as str, stripped: bytes are UTF-8, a list gives its first element, None ""."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -110,7 +99,7 @@ def _check_keys(source: Any) -> None:
         source[0]
     except CorruptRecordError as e:
         if isinstance(e.cause, KeyError):
-            raise ValueError(f"{source.name!r} ({e.file}): no field {e.cause.args[0]}; set "
+            raise ValueError(f"{source.name!r} ({e.file}): {e.cause.args[0]}; set "
                              "text_key / text_column / prompt to fields present") from e
         # other damage to record 0 is the pipeline's to skip and count
 
@@ -262,7 +251,7 @@ class WebDatasetSource:
         if ext not in decoded:
             raw = self._member(i, ext)
             decoded[ext] = json.loads(raw) if ext == "json" else raw
-        return as_text(get_path(decoded[ext], field) if field else decoded[ext])
+        return as_text(lookup(decoded[ext], field, f"sample {ext}") if field else decoded[ext])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ext = self._image_ext
@@ -370,7 +359,7 @@ class ParquetImageTextSource:
         return {c: cached[1][c][i - self._starts[g]].as_py() for c in self._columns}
 
     def _image(self, row: dict[str, Any], file: str) -> np.ndarray:
-        value = get_path(row, self._image_column)
+        value = lookup(row, self._image_column, "row")
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if data is None and path:  # HF datasets keeps only the path for local image files
@@ -386,8 +375,8 @@ class ParquetImageTextSource:
         try:
             row = self._row(i)
             image = self._image(row, file)
-            fields = {k: as_text(get_path(row, k)) for k in self._field_keys}
-            target = as_text(get_path(row, self._text_column))
+            fields = {k: as_text(lookup(row, k, "row")) for k in self._field_keys}
+            target = as_text(lookup(row, self._text_column, "row"))
         except Exception as e:  # arrow I/O, PIL and key errors alike mark the row bad
             raise CorruptRecordError(self.name, i, None, e, f"{file}, row {row_in_file}") from e
         return _example(image, self.camera, self.prompt, fields, target, self.task)
