@@ -236,12 +236,13 @@ def _tokens(tokenizer, text, target, max_len, prompt_format, state_bins=None,
 
 
 # ------------------------------------------------------------------ construction from a spec
-def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[], Sequence[dict]]:
+def _text_opener(source: SourceSpec, data: DataSpec) -> Callable[[], Sequence[dict]]:
     """vl / video in our TFDS layout; a foreign TFDS image-text dataset (kind tfds: a directory or,
     with data_dir, a registered name, read through data/tfds_image_text.FieldMap fields); webdataset
     tar shards or parquet files (data/web_image_text.py) and folders of video clips with captions
     (data/video_clips.py), each taking its constructor's keyword arguments as `fields`. Clips
-    default to the model's context frames at the run's context stride."""
+    default to the model's context frames at the run's context stride. Text sources serve
+    training only: their "train" split."""
     fields = dict(source.fields or {})
     fmt = source.file_format
     if fmt == "webdataset":
@@ -252,9 +253,9 @@ def _text_opener(source: SourceSpec, data: DataSpec, split: str) -> Callable[[],
         fields = {"frames": data.layout.frames, "stride_s": data.window.stride_s, **fields}
         return functools.partial(video_clips.ClipSource, data.dataset_dir(source), **fields)
     if source.kind in ("vl", "video"):
-        return functools.partial(tit.ImageTextSource, data.dataset_dir(source), split=split)
+        return functools.partial(tit.ImageTextSource, data.dataset_dir(source), split="train")
     where = source.path if source.data_dir else data.dataset_dir(source)
-    return functools.partial(tit.ImageTextSource, where, split=split, data_dir=source.data_dir,
+    return functools.partial(tit.ImageTextSource, where, split="train", data_dir=source.data_dir,
                              fields=tit.FieldMap(**fields))
 
 
@@ -273,7 +274,7 @@ def make_source(source: SourceSpec, data: DataSpec, role: str, tokenizer: Tokeni
     if not os.path.exists(path):
         raise FileNotFoundError(f"source {name!r}: dataset path {path} does not exist")
     if source.kind != "robot":
-        return TextSource(name, _text_opener(source, data, "train"), data.layout, tokenizer,
+        return TextSource(name, _text_opener(source, data), data.layout, tokenizer,
                           data.prompt_format)
     opener = robot_data.robot_opener(path, source.spec, source.file_format, role, data.eval_split_of(source))
     opener()  # a wrong path, spec or split is reported before missing statistics
