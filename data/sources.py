@@ -142,7 +142,9 @@ class RobotSource:
             return ep, None, ep.instruction
         if e not in self._cache:
             try:
-                arrays = ep.steps(range(ep.length))
+                # Once images are known not to fit, the cache needs no frame: none is decoded.
+                arrays = self._dataset.get().lowdim(e) if self._keep_images is False \
+                    else ep.steps(range(ep.length))
             except Exception:  # noqa: BLE001 - whatever it is, the per-window read reports it
                 self._cache[e] = None
             else:

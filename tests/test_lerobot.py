@@ -2,11 +2,8 @@
 
 Fixtures: ../shared/fixtures/lerobot, datasets written by LeRobot itself (0.3.3: v2.1; 0.4.4:
 v3.0), whose content scripts/gen.py regenerates exactly. The reference loader is LeRobot's own
-dataset code as PyPI's `lerobot-dataset` packages it (import `ledataset`, fetched by
-tests/reference_packages.py); it runs in a child process because its torchvision import cannot work beside CPU torch
-here: the child gives it a stand-in torchvision (PIL -> tensor only) and decodes its video
-frames with PyAV the way LeRobot's own pyav backend does (keyframe seek, decode forward, nearest
-frame within its tolerance), from the video path and from_timestamp its metadata gives.
+dataset code as PyPI's `lerobot-dataset` packages it (import `ledataset`), run in a child
+process by tools/reference_loaders.py (which says how and why).
 """
 from __future__ import annotations
 
@@ -15,9 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +23,11 @@ from PIL import Image
 from data import lerobot, lerobot_export, rlds, storage, video_clips
 from data.lerobot import LeRobotDataset
 from data.rlds import CorruptRecordError
-from tests import reference_packages
+from tools import reference_loaders
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lerobot"
 FOLDERS = sorted(p.name for p in FIXTURES.glob("lerobot0*")) if FIXTURES.is_dir() else []
 needs_fixtures = pytest.mark.skipif(not FOLDERS, reason=f"no LeRobot fixtures under {FIXTURES}")
-REFERENCE_PACKAGE = "lerobot-dataset==0.4.4"  # tests/reference_packages.py: fetched without its pins
 SPEC = dict(name="fixture", camera_keys={"observation.images.top": "top", "observation.images.wrist": "wrist"},
             state_keys=("observation.state",), action_keys=("action",), instruction_key="task")
 CAMS = {"observation.images.top": "top", "observation.images.wrist": "wrist"}
@@ -325,77 +318,18 @@ def test_export_refuses_to_overwrite_and_bad_options(exports, tiny_rlds, tmp_pat
 
 
 # ------------------------------------------------------------------------------ the reference loader
-REFERENCE = textwrap.dedent('''
-    """Reads LeRobot datasets with LeRobot's own loader (ledataset) -> one npz per dataset."""
-    import importlib.machinery, json, os, sys, types
-    import av, numpy as np, torch
-
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # PyPI's torchvision is CUDA-linked: a stand-in with what ledataset calls
-        for k in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[k]
-        class ToTensor:  # torchvision.transforms.ToTensor on a PIL RGB image
-            def __call__(self, pic):
-                return torch.from_numpy(np.array(pic, np.uint8)).permute(2, 0, 1).contiguous().float().div(255)
-        mods = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.transforms",
-                                                 "torchvision.transforms.v2", "torchvision.transforms.v2.functional")}
-        for n, m in mods.items():
-            m.__spec__ = importlib.machinery.ModuleSpec(n, None)
-        mods["torchvision"].transforms = mods["torchvision.transforms"]
-        mods["torchvision.transforms"].ToTensor = ToTensor
-        mods["torchvision.transforms"].v2 = mods["torchvision.transforms.v2"]
-        mods["torchvision.transforms.v2"].Transform = torch.nn.Module
-        mods["torchvision.transforms.v2"].functional = mods["torchvision.transforms.v2.functional"]
-        sys.modules.update(mods)
-
-    import ledataset.datasets.lerobot_dataset as reference
-
-    def decode_video_frames(video_path, timestamps, tolerance_s, backend=None):
-        """LeRobot's pyav path (decode_video_frames_torchvision) in PyAV: seek to the keyframe
-        before the first time, decode up to the last, nearest frames within tolerance_s."""
-        with av.open(str(video_path)) as c:
-            s = c.streams.video[0]
-            c.seek(int(min(timestamps) / s.time_base), stream=s, backward=True, any_frame=False)
-            frames, times = [], []
-            for f in c.decode(s):
-                frames.append(f.to_ndarray(format="rgb24"))
-                times.append(float(f.pts * s.time_base))
-                if times[-1] >= max(timestamps):
-                    break
-        d = np.abs(np.array(timestamps)[:, None] - np.array(times)[None])
-        assert (d.min(1) < tolerance_s).all(), (video_path, timestamps, times)
-        return torch.from_numpy(np.stack([frames[i] for i in d.argmin(1)])).permute(0, 3, 1, 2).float() / 255
-
-    reference.decode_video_frames = decode_video_frames
-    roots, out = json.loads(sys.argv[1]), sys.argv[2]
-    for name, root in roots.items():
-        ds = reference.LeRobotDataset("local/" + name, root=root)
-        cams = ds.meta.camera_keys
-        items = [ds[i] for i in range(len(ds))]
-        arrays = {k: np.stack([it[k].numpy() for it in items]) for k in ("observation.state", "action",
-                                                                            "episode_index", "frame_index")}
-        for cam in cams:
-            frames = np.stack([it[cam].numpy() for it in items]).transpose(0, 2, 3, 1)
-            arrays["image:" + cam] = np.round(frames * 255).astype(np.uint8)
-        arrays["task"] = np.array([it["task"] for it in items])
-        arrays["fps"] = np.array(ds.fps)
-        np.savez(os.path.join(out, name + ".npz"), **arrays)
-''')
-
-
 @pytest.fixture(scope="module")
 def reference_reads(fixture_copies, exports, tmp_path_factory) -> dict:
     """{name: what LeRobot's loader reads}: the v3.0 fixtures (0.4.4 reads no v2.1) and our v3.0 exports."""
     roots = {n: fixture_copies[n] for n in FOLDERS if "v30" in n}
     roots.update({f"export_{codec or 'png'}": r["path"] for (v, codec), r in exports.items() if v == "v3.0"})
     out = tmp_path_factory.mktemp("reference")
-    path = os.pathsep.join([reference_packages.wheel(REFERENCE_PACKAGE), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"), "HF_DATASETS_CACHE": str(out / "hf"),
-           "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", REFERENCE, json.dumps(roots), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    try:
+        reference_loaders.lerobot("read", [json.dumps(roots), str(out)], str(out), timeout=600)
+    except RuntimeError as e:
+        if "pip download" in str(e):
+            pytest.skip(f"cannot fetch the reference package: {e}")
+        raise
     return {n: dict(np.load(out / f"{n}.npz")) for n in roots}
 
 

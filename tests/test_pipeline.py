@@ -486,3 +486,24 @@ def test_openpi_prompt_format_reaches_the_pipelines_tokenizer(generated_root):
     prefix = batch["tokens"][row][batch["token_mask"][row] & ~batch["target_mask"][row]]
     text = tok.decode(prefix)
     assert text.startswith("Task: ") and text.endswith(";\nAction: ") and "<state" not in text
+
+
+def test_windows_are_the_same_whether_the_episode_cache_keeps_images_or_not(tokenizer, monkeypatch):
+    """A dataset too big for the image cache caches state and actions from dataset.lowdim (no frame
+    decoded) after its first episode; every window is unchanged."""
+    config = _config()
+    cached = _sources(config, tokenizer)["robot"]
+    expected = [cached[i] for i in range(len(cached))]
+    monkeypatch.setattr(sources, "EPISODE_CACHE_BYTES", 0)
+    lean = _sources(config, tokenizer)["robot"]
+    full_reads = []
+    real = windows.ArrayEpisode.steps
+    monkeypatch.setattr(windows.ArrayEpisode, "steps",
+                        lambda self, idx: (full_reads.append(len(idx)) if len(idx) == self.length else None)
+                        or real(self, idx))
+    for i, ex in enumerate(expected):
+        got = lean[i]
+        for key in ("state", "actions", "action_mask", "tokens", "frame_mask"):
+            np.testing.assert_array_equal(got[key], ex[key], err_msg=key)
+        np.testing.assert_array_equal(got["images"]["corner2"], ex["images"]["corner2"])
+    assert len(full_reads) <= 1  # the first episode decides; the others read only their windows' frames
