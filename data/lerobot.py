@@ -226,6 +226,35 @@ def build_index(root: str, info: Mapping[str, Any]) -> dict[str, Any]:
             "videos": {v: _probe_video(os.path.join(root, v)) for v in videos}}
 
 
+def load_index(root: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """build_index's result, cached beside the data (data/storage.cached_json)."""
+    index = storage.cached_json(root, INDEX_NAME, _dataset_files(root), lambda: build_index(root, info))
+    if index.get("version") != INDEX_VERSION:  # an index of an older reader: rebuild
+        index = build_index(root, info)
+    return index
+
+
+def clip_source(path: str, camera_key: str | None = None, **clips: Any) -> Any:
+    """A LeRobot dataset's videos as captioned clips, actions unused (a kind "video" source of
+    format "lerobot"): one data/video_clips.ClipSource entry per episode, its span in the mp4
+    (v3.0: from/to timestamps; v2.1: the whole per-episode file), its task(s) as the caption.
+    camera_key: the video feature (default the first); clips: ClipSource's other arguments."""
+    from data import video_clips
+
+    root = _local(path)
+    info = read_info(root)
+    keys = _video_keys(info)
+    if not keys or (camera_key is not None and camera_key not in keys):
+        raise ValueError(f"LeRobot dataset {path!r}: no video feature {camera_key or ''!r}; its video features: {keys}")
+    key = camera_key or keys[0]
+    index = load_index(root, info)
+    tasks = {int(k): v for k, v in index["tasks"].items()}
+    entries = [{"video": os.path.join(root, e["videos"][key][0]), "start_s": e["videos"][key][1],
+                "end_s": e["videos"][key][2],
+                "caption": "; ".join(str(t) for t in e["tasks"]) or tasks.get(0, "")} for e in index["episodes"]]
+    return video_clips.ClipSource(root, entries=entries, name=clips.pop("name", os.path.basename(root)), **clips)
+
+
 # ------------------------------------------------------------------------------ parquet rows
 class _Rows:
     """Per-process reader of parquet columns: open files and decoded column chunks (one per
@@ -346,10 +375,7 @@ class LeRobotDataset:
         self.control_hz = float(self.spec.control_hz or info["fps"])
         self._features = info["features"]
         self._check_spec()
-        index = storage.cached_json(self.root, INDEX_NAME, _dataset_files(self.root),
-                                    lambda: build_index(self.root, info))
-        if index.get("version") != INDEX_VERSION:  # an index of an older reader: rebuild
-            index = build_index(self.root, info)
+        index = load_index(self.root, info)
         wanted = _split_range(info, split, path)
         self._episodes = [e for e in index["episodes"] if e["episode_index"] in wanted]
         self._tasks = {int(k): v for k, v in index["tasks"].items()}

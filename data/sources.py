@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data import normalize, prompt, robot_data, transform, video_clips, windows
+from data import lerobot, normalize, prompt, robot_data, transform, video_clips, windows
 from data import stats as stats_lib
 from data import tfds_image_text as tit
 from data import web_image_text as web
@@ -251,9 +251,10 @@ def _text_opener(source: SourceSpec, data: DataSpec) -> Callable[[], Sequence[di
         return functools.partial(web.WebDatasetSource, data.dataset_dir(source), **fields)
     if fmt == "parquet":
         return functools.partial(web.ParquetImageTextSource, data.dataset_dir(source), **fields)
-    if fmt == "clips":
+    if fmt in ("clips", "lerobot"):  # video kind: a folder of clips, or a LeRobot dataset's videos
         fields = {"frames": data.layout.frames, "stride_s": data.window.stride_s, **fields}
-        return functools.partial(video_clips.ClipSource, data.dataset_dir(source), **fields)
+        make = video_clips.ClipSource if fmt == "clips" else lerobot.clip_source
+        return functools.partial(make, data.dataset_dir(source), **fields)
     if source.kind in ("vl", "video"):
         return functools.partial(tit.ImageTextSource, data.dataset_dir(source), split="train")
     where = source.path if source.data_dir else data.dataset_dir(source)

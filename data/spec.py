@@ -23,7 +23,7 @@ from data.windows import WindowSpec
 
 KINDS = ("robot", "vl", "video", "tfds")
 FORMATS = {"robot": ("rlds", "lerobot"), "vl": ("tfds", "webdataset", "parquet"),
-           "video": ("tfds", "clips"), "tfds": ("tfds",)}
+           "video": ("tfds", "clips", "lerobot"), "tfds": ("tfds",)}
 
 
 @dataclasses.dataclass(frozen=True)

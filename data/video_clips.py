@@ -200,29 +200,33 @@ class ClipSource:
     their spacing in seconds; clips_per_video: windows per caption entry, their last frames
     spread evenly over the entry's [start_s, end_s] (default the whole video). A window reaching
     before the entry's start repeats its first frame. Entries whose video is missing are left
-    out with a warning."""
+    out with a warning. entries: the captions file's rows given directly ({"video", "caption",
+    "start_s", "end_s"}; data/lerobot.clip_source makes them from a LeRobot dataset's episodes)."""
 
     def __init__(self, root: str | os.PathLike, captions: str | os.PathLike | None = None,
                  frames: int = 4, stride_s: float = 0.5, clips_per_video: int = 1,
                  prompt: str = "describe the video", camera: str = "image",
-                 task: str | None = None, name: str | None = None):
+                 task: str | None = None, name: str | None = None, entries: list[dict] | None = None):
         self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"video folder {self.root} does not exist")
-        if captions is None:
+        if entries is not None:
+            captions = f"the episodes of {self.root}"
+        elif captions is None:
             found = [p for p in (os.path.join(self.root, f"captions.{e}") for e in ("jsonl", "csv"))
                      if os.path.isfile(p)]
             if not found:
                 raise FileNotFoundError(f"{self.root} has no captions.jsonl or captions.csv (lines "
                                         '{"video": "rel/path.mp4", "caption": "..."}); pass captions=')
             captions = found[0]
-        captions = os.path.join(self.root, os.fspath(captions))
-        if not os.path.isfile(captions):
-            raise FileNotFoundError(f"captions file {captions} does not exist")
+        if entries is None:
+            captions = os.path.join(self.root, os.fspath(captions))
+            if not os.path.isfile(captions):
+                raise FileNotFoundError(f"captions file {captions} does not exist")
         if frames < 1 or stride_s < 0 or clips_per_video < 1:
             raise ValueError(f"need frames >= 1, stride_s >= 0, clips_per_video >= 1; got {frames}, "
                              f"{stride_s}, {clips_per_video}")
-        entries = _captions(captions)
+        entries = _captions(captions) if entries is None else [dict(e) for e in entries]
         for e in entries:
             e["video"] = os.path.join(self.root, e["video"])
         present = [e for e in entries if os.path.isfile(e["video"])]

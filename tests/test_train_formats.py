@@ -1,6 +1,7 @@
 """The trainer on every data format at once: Open X-Embodiment RLDS as published (TFRecord,
-converted by tools.convert rlds), a LeRobot v3.0 dataset written by LeRobot itself, webdataset
-tar shards and a folder of mp4 clips with captions, mixed in one run."""
+converted by tools.convert rlds), a LeRobot v3.0 dataset written by LeRobot itself (and its
+videos alone, as captioned clips), webdataset tar shards and a folder of mp4 clips with captions,
+mixed in one run."""
 from __future__ import annotations
 
 import json
@@ -65,6 +66,9 @@ def test_a_mixture_of_every_format_trains(generated_root, converted, tmp_path): 
         "lerobot": dict(kind="robot", format="lerobot", path="lerobot", spec=lerobot_spec, weight=1.0),
         "web": dict(kind="vl", format="webdataset", path="web", weight=1.0, fields={"image_key": "png"}),
         "clips": dict(kind="video", format="clips", path="clips", weight=1.0, fields={"clips_per_video": 4}),
+        # The LeRobot dataset's videos again, without actions: episodes as clips, tasks as captions.
+        "lerobot_video": dict(kind="video", format="lerobot", path="lerobot", weight=1.0,
+                              fields={"camera_key": "observation.images.wrist", "clips_per_video": 2}),
     }
     compute_stats(specs.build(c).data, workers=0, progress=False)
     workdir = os.path.join(root, "run")
@@ -73,7 +77,7 @@ def test_a_mixture_of_every_format_trains(generated_root, converted, tmp_path): 
     keys = {k for r in rows for k in r}
     for name in ("bridge", "lerobot"):
         assert f"flow_loss/{name}" in keys, sorted(keys)
-    for name in ("web", "clips"):
+    for name in ("web", "clips", "lerobot_video"):
         assert f"text_loss/{name}" in keys, sorted(keys)
     assert rows[-1]["step"] == 3 and all(math.isfinite(v) for r in rows for v in r.values()
                                          if isinstance(v, float))
