@@ -12,8 +12,9 @@ Kinds (SourceSpec.kind, data/spec.py):
     vl      vision-language examples: ours (written by data/scenes.py, format "tfds"), or
             webdataset tar shards / parquet files (format "webdataset" / "parquet",
             data/web_image_text.py): prompt -> target text
-    video   video clips: ours (written by data/video.py, format "tfds"), or real mp4 clips with
-            a captions file (format "clips", data/video_clips.py): t frames, prompt -> target
+    video   video clips: ours (written by data/video.py, format "tfds"), real mp4 clips with a
+            captions file (format "clips", data/video_clips.py), or a LeRobot dataset's videos
+            (format "lerobot", data/lerobot.clip_source): t frames, prompt -> target
     tfds    any TFDS image-text dataset: path = its directory, or its registered name with
             data_dir; fields = dict of data/tfds_image_text.FieldMap (image_key, prompt
             template, target_key)

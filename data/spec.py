@@ -34,7 +34,8 @@ class SourceSpec:
     TFDS image-text dataset, data/tfds_image_text.py). format: how the files are laid out
     (FORMATS[kind]; None: the kind's first): robot "rlds" (data/rlds.py) | "lerobot"
     (data/lerobot.py); vl "tfds" (ours) | "webdataset" | "parquet" (data/web_image_text.py);
-    video "tfds" (ours) | "clips" (mp4 files + captions, data/video_clips.py). path: its dataset
+    video "tfds" (ours) | "clips" (mp4 files + captions, data/video_clips.py) | "lerobot" (a LeRobot
+    dataset's videos without actions, tasks as captions, data/lerobot.clip_source). path: its dataset
     directory, relative to DataSpec.root unless absolute; with data_dir, the registered TFDS
     name. spec (robot): a data/robots.py dataset spec name or its fields. stats (robot): a
     stats.json, relative to DataSpec.root unless absolute (gs:// too), that replaces the
