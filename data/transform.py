@@ -366,7 +366,8 @@ def model_example(layout: Layout, images: Mapping[str, np.ndarray], state: np.nd
     masked); state f32 [S] at the current step; actions f32 [H, A] and action_valid bool [H]
     (training) or None (serving: no actions in the example). Returns the example with "state"
     and, with actions, "actions"/"action_mask" normalized and padded, plus "_state" f32 [S], the
-    normalized unpadded state the π0.5 prompt discretizes.
+    normalized unpadded state the π0.5 prompt discretizes, and with actions "_actions" f32 [H, A],
+    the normalized unpadded chunk FAST targets encode (callers pop both).
     """
     ex = layout.empty()
     for c, cam in enumerate(layout.cameras):
