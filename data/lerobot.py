@@ -239,8 +239,6 @@ def clip_source(path: str, camera_key: str | None = None, **clips: Any) -> Any:
     format "lerobot"): one data/video_clips.ClipSource entry per episode, its span in the mp4
     (v3.0: from/to timestamps; v2.1: the whole per-episode file), its task(s) as the caption.
     camera_key: the video feature (default the first); clips: ClipSource's other arguments."""
-    from data import video_clips
-
     root = _local(path)
     info = read_info(root)
     keys = _video_keys(info)

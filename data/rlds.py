@@ -279,11 +279,6 @@ def open_builder(path: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def has_split(path: str, split: str) -> bool:
-    """Whether the TFDS dataset directory `path` has `split` (our text datasets have only "train")."""
-    return split in open_builder(path).info.splits
-
-
 def splits(path: str) -> list[str]:
     """The split names of the TFDS dataset directory `path`."""
     return list(open_builder(path).info.splits)

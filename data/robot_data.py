@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data import rlds
+from data import lerobot, rlds
 from data.robots import get_spec
 from data.transform import DatasetSpec
 
@@ -82,7 +82,6 @@ def _reader(path: str, spec: DatasetSpec, fmt: str, split: str):
     if fmt == "rlds":
         return rlds.RobotDataset(path, spec, split)
     if fmt == "lerobot":
-        from data import lerobot  # PyAV and pyarrow are only needed for LeRobot sources
         return lerobot.LeRobotDataset(path, spec, split)
     raise ValueError(f"unknown robot data format {fmt!r}; expected one of {FORMATS}")
 
@@ -90,7 +89,6 @@ def _reader(path: str, spec: DatasetSpec, fmt: str, split: str):
 def splits(path: str, fmt: str) -> list[str]:
     """The named splits of a robot dataset."""
     if fmt == "lerobot":
-        from data import lerobot
         return lerobot.splits(path)
     return rlds.splits(path)
 
