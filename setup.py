@@ -1,4 +1,4 @@
-"""Install: pip install -e ".[test]"   (extras: test, sim, hf, wandb, cuda, tpu)."""
+"""Install: pip install -e ".[test]"   (extras: test, sim, hf, wandb, cuda, tpu, aot)."""
 from setuptools import find_packages, setup
 
 CORE = [
@@ -28,6 +28,8 @@ CORE = [
     # gs:// paths (data/storage.py): etils.epath reaches GCS through gcsfs.
     "gcsfs",
 ]
+# Ahead-of-time compilation for TPU topologies on any machine (tools.aot): libtpu's compiler.
+AOT = ["jax[tpu]"]
 # Data generation: Meta-World experts rendered headless; TensorFlow only to *write* TFDS datasets.
 SIM = ["metaworld>=3.1", "packaging", "tensorflow-cpu", "importlib_resources", "imageio"]
 
@@ -44,7 +46,7 @@ setup(
         "hf": ["safetensors", "transformers", "torch"],
         # torch pinned: this exact release has a CPU wheel here; an open range would pull CUDA builds.
         # ruff: the linter the test command runs first (rules in ruff.toml).
-        "test": SIM + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0", "wandb",
+        "test": SIM + AOT + ["pytest", "pytest-xdist", "ruff", "safetensors", "transformers", "torch==2.13.0", "wandb",
                  # reference writers of the foreign formats' tests (tests/test_web_sources.py);
                  # openpi-client and lerobot-dataset pin old numpy / transformers and are
                  # fetched without their pins by tests/reference_packages.py
@@ -55,5 +57,6 @@ setup(
         "wandb": ["wandb"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        "aot": AOT,
     },
 )

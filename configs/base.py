@@ -62,8 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.knowledge_insulation = False
     c.model.flow_loss_weight = 1.0
     c.model.text_loss_weight = 1.0
-    c.model.param_dtype = "float32"
+    c.model.text_loss_chunk = 32  # text positions whose vocabulary logits are live at once (0: all)
+    c.model.param_dtype = "float32"  # "bfloat16" halves parameter, gradient and EMA memory
     c.model.compute_dtype = "float32"
+    # What the backward pass keeps of each scanned layer (vla/models/layers.py REMAT_POLICIES):
+    # nothing_saveable (least memory, recomputes the layer), dots_with_no_batch_dims_saveable,
+    # offload_dots_with_no_batch_dims (the same dots kept in host memory), dots_saveable,
+    # everything_saveable, none. python -m tools.aot --sweep compares them on a TPU topology.
     c.model.remat_policy = "nothing_saveable"
     c.model.scan_layers = True
     # LoRA (vla/models/lora.py): low-rank adapters W + (alpha / rank) A B on the chosen expert
@@ -147,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 1e-4
     c.optimizer.clip_norm = 1.0
+    c.optimizer.mu_dtype = ""  # AdamW's first moment: "" = the parameters' dtype, or "bfloat16"
     c.optimizer.ema_decay = 0.999  # 0 = no EMA; evaluation uses the EMA weights when on
     c.optimizer.grad_accum_steps = 1  # microbatches per step (batch_size is the global batch)
     c.optimizer.freeze = ()  # regexes over parameter paths ("vit/.*", "decoder/experts/0/")

@@ -3,7 +3,11 @@ r"""Training on a Cloud TPU pod: one slice (a TPU VM) or several (a queued resou
     python -m launch.tpu --tpu NAME --zone ZONE [--accelerator v5p-128] [--slices N] \
         --config configs/FILE.py[:arg] --workdir /shared/DIR [--config.key=value ...] \
         [--project P] [--runtime_version V] [--spot] [--env KEY=VALUE ...] [--dry_run] \
-        [--attach | --stop | --delete] [--xpk_cluster CLUSTER]
+        [--attach | --stop | --delete] [--xpk_cluster CLUSTER] [--aot-check]
+
+With --aot-check, the train step is first compiled here for the slice's TPU topology
+(tools.aot: libtpu's compiler on this CPU), and a config that does not fit in HBM, or does not
+compile, is refused with the numbers before any TPU is created.
 
 Steps, all through gcloud (--dry_run prints them instead):
   1. reuse the TPU VM / queued resource if it exists, else create it (a queued resource is
@@ -46,6 +50,7 @@ from ml_collections import config_flags
 from configs import cli
 from data import storage
 from launch import common
+from tools import aot
 
 REMOTE = "~/vla"  # on every worker: ship/ (wheel + config), venv/, train.log, train.pid, train.exit
 PYTHON_VERSION = "3.11"  # setup.py's python_requires; TPU VM images ship an older python3
@@ -88,6 +93,28 @@ def accelerator(name: str) -> Accelerator:
         raise ValueError(f"accelerator type {name!r} has no whole chip")
     hosts = 1 if not counts_cores and chips <= 8 else math.ceil(chips / chips_per_host)
     return Accelerator(name, chips, chips * devices_per_chip, hosts, runtime)
+
+
+# The TPU topology names libtpu (and tools.aot) know a slice by, per generation: v4 and v5p are
+# 3D tori (v5p-8 = 2x2x1, v5p-128 = 4x4x4), v5e and v6e 2D (v5litepod-256 = 16x16).
+_TOPOLOGY_GENERATIONS = {"v4": ("v4", 3), "v5p": ("v5p", 3), "v5litepod": ("v5e", 2), "v6e": ("v6e", 2)}
+
+
+def topology_name(a: Accelerator) -> str:
+    """'v5p-128' -> 'v5p:4x4x4' (the slice shape GKE and TPU VMs give that type)."""
+    generation = a.name.rpartition("-")[0]
+    if generation not in _TOPOLOGY_GENERATIONS or a.chips & (a.chips - 1):
+        raise ValueError(f"no TPU topology known for {a.name} (generations {sorted(_TOPOLOGY_GENERATIONS)}, "
+                         f"a power-of-two chip count)")
+    name, rank = _TOPOLOGY_GENERATIONS[generation]
+    if rank == 3 and a.chips <= 4:  # the smallest 3D slices are flat: 2x2x1
+        dims = {1: [1, 1, 1], 2: [1, 2, 1], 4: [2, 2, 1]}[a.chips]
+    else:
+        dims = [2, 2, 2] if rank == 3 else [1, 1]
+        while math.prod(dims) < a.chips:  # double the last of the smallest sides
+            smallest = min(dims)
+            dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+    return f"{name}:{'x'.join(map(str, dims))}"
 
 
 # ------------------------------------------------------------------------------- the pod
@@ -263,6 +290,29 @@ def xpk(pod: Pod, cluster: str, verb: str, trainer: Sequence[str] = (), env: Map
             f"--command=pip install -q '.[tpu]' && {assignments}{run}"]
 
 
+# ------------------------------------------------------------------------------- AOT check
+
+def aot_check(config_spec: str, config_flags: Sequence[str], pod: Pod) -> None:
+    """Compiles the trainer's step for the pod's topology here (tools.aot, libtpu's compiler, no
+    TPU) and raises SystemExit, with the numbers, when it does not fit or does not compile."""
+    name = topology_name(pod.accelerator)
+    print(f"# AOT check: compiling the train step for {name} x {pod.slices} slice(s) on this machine "
+          f"(minutes at full size)", flush=True)
+    report = aot.child_report(config_spec, config_flags, name, pod.slices)
+    if "error" in report:
+        raise SystemExit(f"AOT check: {report['error']}")
+    print("# " + aot.summary_line(report), flush=True)
+    memory = report["train"]["memory"]
+    if not memory["fits"]:
+        detail = memory.get("compiler") or (f"arguments {memory['argument'] / aot.GIB:.2f} GiB, temporaries "
+                                            f"{memory['temp'] / aot.GIB:.2f} GiB")
+        raise SystemExit(
+            f"AOT check: refusing to launch: the train step needs {memory['total'] / aot.GIB:.2f} GiB per chip "
+            f"({detail}) of {memory['capacity'] / aot.GIB:.2f} GiB on {pod.accelerator.name}. Lower batch_size, raise "
+            f"optimizer.grad_accum_steps, or find a layout that fits: python -m tools.aot --config "
+            f"{config_spec} --topology {name} --slices {pod.slices} --sweep")
+
+
 # ------------------------------------------------------------------------------- running it
 
 def _run(argv: Sequence[str], check: bool = True, capture: bool = False, dry_run: bool = False
@@ -335,6 +385,8 @@ def main(argv: Sequence[str]) -> None:
     keys = [k for k in config_flags.get_override_values(f["config"]) if k not in mesh] + list(mesh)
     flags_ = common.override_flags(config, keys)
     env = dict(item.split("=", 1) for item in f.env)
+    if f["aot-check"].value:
+        aot_check(spec, flags_, pod)
     if cluster:
         print(describe_pod(pod, mesh, queued=False), flush=True)
         _run(xpk(pod, cluster, "create", common.trainer_flags(spec, f.workdir, flags_), env), dry_run=dry_run)
@@ -370,6 +422,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("spot", False, "Use spot capacity: cheaper but preemptible (relaunch to resume).")
     flags.DEFINE_multi_string("env", [], "KEY=VALUE: an environment variable set for the trainer on every worker")
     flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
+    flags.DEFINE_bool("aot-check", False, "Before creating anything, compile the train step for the "
+                      "accelerator's TPU topology on this machine (tools.aot; needs the aot extra) and "
+                      "refuse, with the numbers, a config that does not fit.")
     flags.DEFINE_bool("attach", False, "Only stream worker 0's log of the running trainer (until it exits).")
     flags.DEFINE_bool("stop", False, "Send SIGTERM to the trainer on every worker (all save a checkpoint and "
                       "exit); with --xpk_cluster, delete the workload.")

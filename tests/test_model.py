@@ -253,3 +253,21 @@ def test_text_only_loss_skips_the_action_expert_and_matches_joint_text_loss():
     text_only = _loss(make_model(dataclasses.replace(cfg, flow_loss_weight=0.0)), batch)[1]
     assert float(joint["flow_loss"]) > 0 and float(text_only["flow_loss"]) == 0.0
     np.testing.assert_allclose(text_only["loss"], joint["text_loss"], rtol=1e-6)
+
+
+def test_chunked_text_loss_equals_the_full_one_with_gradients():
+    # Chunks of 4 over 11 scored positions: two whole chunks and a padded one. The chunk size
+    # changes no parameter, so both models hold the same weights.
+    cfg = tiny_config(mode="pi05", text_loss_chunk=0)
+    batch = random_batch(cfg)
+
+    def text_loss(chunk):
+        graphdef, params = nnx.split(make_model(dataclasses.replace(cfg, text_loss_chunk=chunk)))
+        loss = lambda p: nnx.merge(graphdef, p).loss(batch, jax.random.key(0))[1]["text_loss"]
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    full, full_grad = text_loss(0)
+    chunked, chunked_grad = text_loss(4)
+    assert cfg.max_text_tokens - 1 == 11 and float(full) > 0
+    np.testing.assert_allclose(chunked, full, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), chunked_grad, full_grad)

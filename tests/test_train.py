@@ -253,3 +253,28 @@ def test_init_from_a_run_loads_parameters_and_accumulation_runs(trained, generat
     theirs, ours = load(source, "4")["params"], load(str(tmp_path), "1")["params"]
     for a, b in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters():
+    # Zeros carry no sharding: unconstrained, XLA replicated both AdamW moments on every device.
+    from flax import nnx
+
+    from configs import specs
+    from vla import sharding
+    config = tiny_config()
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    config.model.lora_rank, config.model.lora_targets = 2, ("decoder/experts/1/",)  # masked states too
+    spec = specs.build(config)
+    mesh = sharding.make_mesh(spec.mesh.axes)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.mesh.rules):
+        model = sharding.init_sharded(lambda: train_lib.make_model(spec), mesh, spec.mesh.rules)
+        params = nnx.to_pure_dict(nnx.split(model)[1])
+        tx = optimizer_lib.make_optimizer(spec.optimizer, params)
+        trained = jax.tree.leaves(optimizer_lib.select(params, optimizer_lib.trainable_mask(params, (), ())))
+        state = train_lib.init_state(spec.optimizer, mesh, tx, jax.tree.map(jnp.copy, params))
+    # AdamW's state flattens to its count, then mu and nu in the parameters' order.
+    moments = [leaf for leaf in jax.tree.leaves(state["opt_state"]) if leaf.ndim]
+    assert len(moments) == 2 * len(trained)
+    assert any(p.sharding.spec != jax.sharding.PartitionSpec() for p in trained)
+    for moment, param in zip(moments, trained * 2):
+        assert moment.shape == param.shape and moment.sharding.is_equivalent_to(param.sharding, param.ndim)

@@ -9,7 +9,10 @@ Conventions (stated once, used everywhere):
 - Training: backward = 2x forward, so model FLOPs = 3x forward (the number MFU divides by). A remat
   policy that recomputes adds the recomputed part of the scanned layers once more on top
   ("hardware FLOPs"): nothing_saveable recomputes whole layers, dots_with_no_batch_dims_saveable
-  only the attention einsums, dots_saveable/everything_saveable/none nothing that is a matmul.
+  only the attention einsums (offload_dots_with_no_batch_dims too), dots_saveable/
+  everything_saveable/none nothing that is a matmul; the text loss, scored a chunk of positions at
+  a time, recomputes its logits. XLA's cost analysis counts a loop body once, whatever its trip
+  count: `train_flops_as_counted` is the figure to hold its count against.
 - Inference (sample_actions): the prefix (ViT + VLM) runs once into a KV cache, then every flow
   step runs only the action expert against that cache. Each step must re-read the expert's weights
   and the cache, which is why the roofline is per phase: max(FLOPs / peak, bytes / bandwidth).
@@ -181,22 +184,66 @@ def _add(*parts: dict[str, float]) -> dict[str, float]:
     return {k: sum(p.get(k, 0.0) for p in parts) for k in ("layers", "attention", "outside")}
 
 
-def forward_flops(cfg: VLAConfig) -> dict[str, float]:
-    """Training forward (the loss) per example: ViT, joint prefix+suffix decoder, text logits."""
+def _text_positions(cfg: VLAConfig) -> tuple[int, int]:
+    """(text positions the loss scores, chunks they are scored in: VLA._text_nll)."""
+    positions = cfg.max_text_tokens - 1
+    chunk = cfg.text_loss_chunk
+    return positions, (-(-positions // chunk) if chunk and chunk < positions else 1)
+
+
+def _forward_stacks(cfg: VLAConfig) -> dict[str, dict[str, float]]:
+    """The training forward per example by part: the ViT and decoder stacks (their "layers" and
+    "attention" are inside the scanned layer loops, "outside" is not), and the text logits."""
     vlm, expert = gemma_variant(cfg.vlm), gemma_variant(cfg.action_expert)
     sp, ss = prefix_len(cfg), suffix_len(cfg)
-    decoder = _decoder_flops([(vlm, sp, False), (expert, ss, cfg.mode == "pi05")], sp + ss)
-    logits = 2 * (cfg.max_text_tokens - 1) * vlm.width * cfg.vocab_size if cfg.text_loss_weight else 0.0
-    parts = _add(_vit_flops(cfg), decoder, {"outside": _suffix_embed_flops(cfg) + logits})
+    # Without a flow loss (π0.5 stage 1) the action expert does not run.
+    streams = [(vlm, sp, False)] + ([(expert, ss, cfg.mode == "pi05")] if cfg.flow_loss_weight else [])
+    decoder = _decoder_flops(streams, sp + (ss if cfg.flow_loss_weight else 0))
+    decoder["outside"] += _suffix_embed_flops(cfg) if cfg.flow_loss_weight else 0.0
+    logits = 2 * _text_positions(cfg)[0] * vlm.width * cfg.vocab_size if cfg.text_loss_weight else 0.0
+    return {"vit": _vit_flops(cfg), "decoder": decoder, "logits": {"outside": logits}}
+
+
+def forward_flops(cfg: VLAConfig) -> dict[str, float]:
+    """Training forward (the loss) per example: ViT, joint prefix+suffix decoder, text logits."""
+    parts = _add(*_forward_stacks(cfg).values())
     return {**parts, "total": parts["layers"] + parts["outside"]}
+
+
+def _recomputed(cfg: VLAConfig, part: dict[str, float]) -> float:
+    """What the remat policy recomputes of a scanned stack in the backward pass."""
+    key = {"nothing_saveable": "layers", "dots_with_no_batch_dims_saveable": "attention",
+           "offload_dots_with_no_batch_dims": "attention"}.get(cfg.remat_policy)
+    return part.get(key, 0.0) if key else 0.0
 
 
 def train_flops_per_example(cfg: VLAConfig, include_remat: bool = False) -> float:
     """Training FLOPs per example: 3x forward (model FLOPs, for MFU); include_remat adds what the
-    model's remat policy recomputes in the backward pass (hardware FLOPs)."""
-    fwd = forward_flops(cfg)
-    recompute = {"nothing_saveable": fwd["layers"], "dots_with_no_batch_dims_saveable": fwd["attention"]}
-    return 3 * fwd["total"] + (recompute.get(cfg.remat_policy, 0.0) if include_remat else 0.0)
+    model's remat policy recomputes in the backward pass, and the chunked text loss's logits
+    (hardware FLOPs)."""
+    stacks = _forward_stacks(cfg)
+    model = 3 * forward_flops(cfg)["total"]
+    if not include_remat:
+        return model
+    chunked = _text_positions(cfg)[1] > 1
+    return model + _recomputed(cfg, stacks["vit"]) + _recomputed(cfg, stacks["decoder"]) + \
+        (stacks["logits"]["outside"] if chunked else 0.0)
+
+
+def train_flops_as_counted(cfg: VLAConfig) -> float:
+    """The hardware FLOPs of one training example as XLA's cost analysis counts them: a loop
+    body (a scanned layer stack's, forward and backward; a chunk of the text loss) once, whatever
+    its trip count. The gradient-accumulation loop is counted once too: multiply by a device's
+    share of one microbatch. tools.aot checks XLA's figure against this one."""
+    stacks = _forward_stacks(cfg)
+    depths = {"vit": vit_variant(cfg.vit).depth, "decoder": gemma_variant(cfg.vlm).depth}
+    counted = 0.0
+    for name in ("vit", "decoder"):
+        part = stacks[name]
+        body = 3 * part["layers"] + _recomputed(cfg, part)
+        counted += 3 * part["outside"] + (body / depths[name] if cfg.scan_layers else body)
+    logits, chunks = stacks["logits"]["outside"], _text_positions(cfg)[1]
+    return counted + (4 * logits / chunks if chunks > 1 else 3 * logits)
 
 
 def prefix_flops(cfg: VLAConfig) -> float:
@@ -258,6 +305,7 @@ def _layer_activations(cfg: VLAConfig, training: bool) -> list[tuple[int, dict[s
 _KEPT_BY_POLICY = {  # activation kinds a remat policy stores for the backward pass
     "nothing_saveable": ("residual",),
     "dots_with_no_batch_dims_saveable": ("residual", "dots"),
+    "offload_dots_with_no_batch_dims": ("residual",),  # the dots wait in host memory
     "dots_saveable": ("residual", "dots", "attention"),
     "everything_saveable": ("residual", "dots", "attention", "other"),
     "none": ("residual", "dots", "attention", "other"),
@@ -272,8 +320,11 @@ def train_activation_bytes(cfg: VLAConfig) -> float:
     kept = _KEPT_BY_POLICY[cfg.remat_policy]
     stacks = _layer_activations(cfg, training=True)
     stored = sum(depth * sum(layer[k] for k in kept) for depth, layer in stacks)
-    # The text loss materializes fp32 logits over the whole vocabulary, and their gradient.
-    logits = 2 * (cfg.max_text_tokens - 1) * cfg.vocab_size * 4 if cfg.text_loss_weight else 0
+    # The text loss materializes fp32 logits over the vocabulary, and their gradient, for
+    # text_loss_chunk positions at a time.
+    positions = cfg.max_text_tokens - 1
+    positions = min(positions, cfg.text_loss_chunk) if cfg.text_loss_chunk else positions
+    logits = 2 * positions * cfg.vocab_size * 4 if cfg.text_loss_weight else 0
     return stored + 2 * max(sum(layer.values()) for _, layer in stacks) + logits
 
 

@@ -44,6 +44,7 @@ class OptimizerSpec:
     freeze: tuple[str, ...]  # regexes over parameter paths
     total_steps: int
     also_train: tuple[str, ...] = ()  # with LoRA: regexes of non-adapter parameters that train too
+    mu_dtype: str = ""  # AdamW's first moment ("": the parameters' dtype; the second keeps theirs)
 
 # Scales and shifts (norms, biases) and lookup tables (token / position embeddings) are not
 # weight-decayed. Decided by name, not ndim: scanned layers stack a norm's scale to [layers, width].
@@ -111,7 +112,7 @@ def make_optimizer(spec: OptimizerSpec, params: Params) -> optax.GradientTransfo
     adamw = optax.chain(
         optax.clip_by_global_norm(spec.clip_norm),
         optax.adamw(learning_rate(spec), b1=spec.b1, b2=spec.b2, eps=spec.eps,
-                    weight_decay=spec.weight_decay, mask=decay_mask(params)))
+                    weight_decay=spec.weight_decay, mask=decay_mask(params), mu_dtype=spec.mu_dtype or None))
     mask = trainable_mask(params, spec.freeze, spec.also_train)
     if all(jax.tree.leaves(mask)):
         return adamw

@@ -94,22 +94,50 @@ def microbatches(batch: Batch, n: int) -> Batch:
 
 # ------------------------------------------------------------------------------- state and step
 
-def init_state(optimizer: optimizer_lib.OptimizerSpec, mesh: jax.sharding.Mesh,
-               tx: optax.GradientTransformation, params: Any) -> State:
-    """Optimizer state and EMA next to the (already sharded) parameters; the shardings of the
-    moments follow the parameters'. The EMA covers the trainable parameters only (a frozen one's
-    average is itself): `optimizer_lib.overlay(params, ema)` are the averaged weights."""
-    ema_on = optimizer.ema_decay > 0
+def state_builder(optimizer: optimizer_lib.OptimizerSpec, tx: optax.GradientTransformation,
+                  param_shardings: Any) -> Callable[[Any], State]:
+    """params -> the training state: optimizer state and EMA next to the parameters, every
+    moment sharded as its parameter (`param_shardings`: the parameters' NamedShardings). The
+    EMA covers the trainable parameters only (a frozen one's average is itself):
+    `optimizer_lib.overlay(params, ema)` are the averaged weights."""
 
     def build(params):
-        state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-        if ema_on:
+        # Moments start as zeros, which carry no sharding of their own: without the constraint
+        # XLA replicates them, four times the FSDP-sharded parameters on a v5p-8 at π0's size.
+        opt_state = shard_like_params(tx.init(params), param_shardings)
+        state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+        if optimizer.ema_decay > 0:
             trainable = optimizer_lib.trainable_mask(params, optimizer.freeze, optimizer.also_train)
             state["ema"] = jax.tree.map(jnp.copy, optimizer_lib.select(params, trainable))
         return state
 
+    return build
+
+
+def shard_like_params(opt_state: Any, param_shardings: Any) -> Any:
+    """Constrains every optimizer-state leaf that stands for a parameter (its path ends in the
+    parameter's keys, e.g. opt_state[1][0].mu["decoder"]["embedder"], also inside
+    multi_transform's per-label states) to that parameter's sharding; counts stay as they are."""
+    by_keys = {tuple(k.key for k in path): sharding_ for path, sharding_ in
+               jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+               if isinstance(sharding_, NamedSharding)}  # a parameter on one device leaves XLA free
+
+    def place(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):  # leading keys of the optimizer's own (multi_transform labels)
+            if keys[start:] in by_keys:
+                return jax.lax.with_sharding_constraint(leaf, by_keys[keys[start:]])
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+def init_state(optimizer: optimizer_lib.OptimizerSpec, mesh: jax.sharding.Mesh,
+               tx: optax.GradientTransformation, params: Any) -> State:
+    """The training state around the (already sharded) parameters, which it consumes."""
     with jax.set_mesh(mesh):
-        return jax.jit(build, donate_argnums=0)(params)
+        return jax.jit(state_builder(optimizer, tx, jax.tree.map(lambda x: x.sharding, params)),
+                       donate_argnums=0)(params)
 
 
 def _count_nonfinite(state: State) -> jax.Array:
@@ -177,6 +205,23 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(spec: specs_lib.RunSpec, mesh: jax.sharding.Mesh, graphdef: nnx.GraphDef,
+                   tx: optax.GradientTransformation, num_sources: int, state_shardings: Any
+                   ) -> Callable[[State, Batch], tuple[State, dict]]:
+    """The jitted step the trainer runs (and tools.aot compiles for a TPU topology): the state
+    donated, its output shardings pinned so it keeps its layout step after step, the metrics
+    replicated so every process can read them."""
+    step_fn = make_train_step(spec.optimizer, spec.train.seed, graphdef, tx, num_sources)
+    return jax.jit(step_fn, donate_argnums=0,
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+
+
+def make_model(spec: specs_lib.RunSpec) -> VLA:
+    """A new model of the run's config, drawn from its seed (call under sharding.init_sharded
+    or sharding.abstract_model)."""
+    return VLA(spec.model, rngs=nnx.Rngs(spec.train.seed))
 
 
 # ------------------------------------------------------------------------------- logging
@@ -341,7 +386,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     config_dict = json.loads(config.to_json_best_effort())
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = sharding.init_sharded(lambda: VLA(spec.model, rngs=nnx.Rngs(spec.train.seed)), mesh, rules)
+        model = sharding.init_sharded(lambda: make_model(spec), mesh, rules)
         graphdef, params = nnx.split(model)
         params = nnx.to_pure_dict(params)
         del model
@@ -365,12 +410,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                         tokenizer=os.path.abspath(data.tokenizer.path),
                         tokenizer_vocab_size=data.tokenizer.vocab_size,
                         fast_token_start=data.fast_token_start, stats=data.stats)
-        # Pinned output shardings: the state keeps its layout step after step, and the metrics
-        # are replicated so every process can read them.
-        replicated = NamedSharding(mesh, PartitionSpec())
-        step_fn = make_train_step(spec.optimizer, spec.train.seed, graphdef, tx, len(data.names))
-        train_step = jax.jit(step_fn, donate_argnums=0,
-                             out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated))
+        train_step = jit_train_step(spec, mesh, graphdef, tx, len(data.names),
+                                    jax.tree.map(lambda x: x.sharding, state))
     # Only now, with the checkpoint known to fit: the workdir's config.json describes its checkpoints.
     write_config(config, workdir)
     return Run(spec, workdir, data, mesh, graphdef, state, train_step, ckpt, metadata, start,

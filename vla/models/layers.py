@@ -151,6 +151,10 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    # As dots_with_no_batch_dims_saveable, but the saved matmul outputs wait for the backward
+    # pass in host memory (TPU/GPU pinned host), not in HBM: the transfers overlap compute.
+    "offload_dots_with_no_batch_dims": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
 }
 
 

@@ -67,6 +67,7 @@ class VLAConfig:
     fast_token_start: int | None = None  # text targets with ids >= this are hidden from actions
     flow_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
+    text_loss_chunk: int = 32  # text positions whose logits are live at once (0: all)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "nothing_saveable"
@@ -158,7 +159,7 @@ class VLA(nnx.Module):
             valids.append(jnp.repeat(frame_mask[:, cam, -1:], encoded.shape[3], axis=1))
         n_img = sum(x.shape[1] for x in xs)
         text_valid = batch["token_mask"]
-        target = batch.get("target_mask", jnp.zeros_like(text_valid)) & text_valid
+        target = both(batch.get("target_mask", jnp.zeros_like(text_valid)), text_valid)
         hidden = (target & (tokens >= cfg.fast_token_start) if cfg.fast_token_start is not None
                   else jnp.zeros_like(target))
         zeros = jnp.zeros((b, n_img), bool)
@@ -238,7 +239,10 @@ class VLA(nnx.Module):
         loss = cfg.flow_loss_weight * flow_loss + cfg.text_loss_weight * text_loss
 
         source = batch.get("source", jnp.zeros((b,), jnp.int32))
-        per_source = lambda v: jax.ops.segment_sum(v, source, num_segments=num_sources)
+        # A one-hot sum, not a scatter (segment_sum): XLA's TPU cost model cannot time that
+        # scatter (its step estimate came out negative); a sum, not a matmul, keeps it exact fp32.
+        one_hot = jax.nn.one_hot(source, num_sources, dtype=jnp.float32)  # [B, num_sources]
+        per_source = lambda v: jnp.sum(v[:, None] * one_hot, axis=0)
         metrics = dict(zip(SCALAR_METRICS, (loss, flow_loss, text_loss)))
         for name, total, count in zip(LOSSES, (flow_sum, text_sum), (flow_count, text_count)):
             n = per_source(count)
@@ -247,14 +251,17 @@ class VLA(nnx.Module):
         return loss, metrics
 
     def _text_nll(self, prefix_out: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """Next-token cross-entropy on target tokens: per-example (sum, count), fp32."""
+        """Next-token cross-entropy on target tokens: per-example (sum, count), fp32.
+
+        The fp32 logits [B, S, vocab] of a 257k vocabulary would be the largest activation of
+        the step (~200 MB an example at 200 text tokens, their gradient as much again), so
+        they are computed text_loss_chunk positions at a time inside a rematerialized scan:
+        only [B, chunk, vocab] is ever live, forward or backward.
+        """
         tokens, n_text = batch["tokens"], batch["tokens"].shape[1]
-        hidden = prefix_out[:, -n_text:-1]
-        logits = self.decoder.logits(hidden)
-        weight = (batch["target_mask"] & batch["token_mask"])[:, 1:].astype(jnp.float32)
-        target_logit = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-        return jnp.sum(nll * weight, axis=1), jnp.sum(weight, axis=1)
+        weight = both(batch["target_mask"], batch["token_mask"])[:, 1:].astype(jnp.float32)
+        return chunked_nll(self.decoder.logits, prefix_out[:, -n_text:-1], tokens[:, 1:], weight,
+                           self.cfg.text_loss_chunk)
 
     # ------------------------------------------------------------------ inference
 
@@ -391,6 +398,38 @@ class VLA(nnx.Module):
 
         final = jax.lax.while_loop(cond, body, init)
         return final["out"], final["out_mask"]
+
+
+def both(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a & b of two boolean masks, computed as an int32 product: libtpu 0.0.42.1's TPU compiler
+    aborts ("Cannot find a valid window") on the boolean AND of π0's [32, 48] text masks under
+    the gradient, at 32 examples a chip."""
+    return (a.astype(jnp.int32) * b.astype(jnp.int32)).astype(bool)
+
+
+def chunked_nll(logits_fn, hidden: jax.Array, targets: jax.Array, weight: jax.Array, chunk: int
+                ) -> tuple[jax.Array, jax.Array]:
+    """Weighted cross-entropy of logits_fn(hidden) against targets, `chunk` positions at a time
+    (0: all at once). hidden [B, S, W], targets int [B, S], weight f32 [B, S] -> per-example
+    (sum of weighted NLL, sum of weights), each [B]. Positions padded to a whole number of chunks
+    get weight 0; each chunk's logits are recomputed in the backward pass, not stored."""
+
+    def nll(h, y, w):
+        logits = logits_fn(h)  # [B, c, V] fp32
+        target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * w, axis=1)
+
+    b, s = targets.shape
+    if not chunk or chunk >= s:
+        return nll(hidden, targets, weight), jnp.sum(weight, axis=1)
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    to_chunks = lambda x: jnp.swapaxes(pad_seq(x).reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+    body = jax.checkpoint(lambda total, xs: (total + nll(*xs), None))
+    total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
+                            (to_chunks(hidden), to_chunks(targets), to_chunks(weight)))
+    return total, jnp.sum(weight, axis=1)
 
 
 def flow_noise(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
