@@ -62,7 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.knowledge_insulation = False
     c.model.flow_loss_weight = 1.0
     c.model.text_loss_weight = 1.0
-    c.model.text_loss_chunk = 32  # text positions whose vocabulary logits are live at once (0: all)
+    # Text positions whose vocabulary logits are live at once (0: all). Off by default: at π0.5's
+    # shapes on a v5p-8 XLA's own schedule needed less HBM unchunked (BENCHMARKS.md, tools.aot).
+    c.model.text_loss_chunk = 0
     c.model.param_dtype = "float32"  # "bfloat16" halves parameter, gradient and EMA memory
     c.model.compute_dtype = "float32"
     # What the backward pass keeps of each scanned layer (vla/models/layers.py REMAT_POLICIES):

@@ -67,7 +67,7 @@ class VLAConfig:
     fast_token_start: int | None = None  # text targets with ids >= this are hidden from actions
     flow_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
-    text_loss_chunk: int = 32  # text positions whose logits are live at once (0: all)
+    text_loss_chunk: int = 0  # text positions whose logits are live at once (0: all)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "nothing_saveable"
@@ -253,10 +253,11 @@ class VLA(nnx.Module):
     def _text_nll(self, prefix_out: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Next-token cross-entropy on target tokens: per-example (sum, count), fp32.
 
-        The fp32 logits [B, S, vocab] of a 257k vocabulary would be the largest activation of
-        the step (~200 MB an example at 200 text tokens, their gradient as much again), so
-        they are computed text_loss_chunk positions at a time inside a rematerialized scan:
-        only [B, chunk, vocab] is ever live, forward or backward.
+        The fp32 logits [B, S, vocab] of a 257k vocabulary are ~200 MB an example at 200 text
+        tokens (their gradient as much again). With text_loss_chunk they are computed that many
+        positions at a time inside a rematerialized scan, so only [B, chunk, vocab] is live,
+        forward or backward; XLA's TPU schedule of the full version needed less HBM at π0.5's
+        shapes (BENCHMARKS.md), so chunking is a knob, off by default.
         """
         tokens, n_text = batch["tokens"], batch["tokens"].shape[1]
         weight = both(batch["target_mask"], batch["token_mask"])[:, 1:].astype(jnp.float32)
