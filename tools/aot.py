@@ -194,17 +194,17 @@ def compile_train_step(spec: specs_lib.RunSpec, topo: Topology) -> dict[str, Any
              "mesh": dict(mesh.shape), "batch_size": b, "microbatch": micro}
     if isinstance(compiled, dict):  # the compiler refused: it does not fit
         return {"memory": compiled, "flops": None, "time": None, **shape}
+    xla = _cost(compiled)
     flops = {
         "model_per_step": cost.train_flops_per_example(cfg) * b,
         "hardware_per_step": cost.train_flops_per_example(cfg, include_remat=True) * b,
         "cost_model_counted_per_chip": cost.train_flops_as_counted(cfg) * micro / chips,
-        **{f"xla_{k}": v for k, v in _cost(compiled).items() if k == "flops"},
+        "xla_per_chip": xla["flops"],
     }
-    flops["xla_per_chip"] = flops.pop("xla_flops")
     flops["xla_over_cost_model"] = flops["xla_per_chip"] / flops["cost_model_counted_per_chip"]
     # Loop bodies are counted once: scale XLA's time by the trip counts the cost model knows.
     trips = flops["hardware_per_step"] / chips / flops["cost_model_counted_per_chip"]
-    optimal = _cost(compiled)["optimal_seconds"]
+    optimal = xla["optimal_seconds"]
     step_s = optimal * trips if optimal > 0 else None  # XLA's TPU cost model gives up on some ops
     peak = cost.chip_peak_flops(topo.chip)
     return {"memory": _memory(compiled, topo.hbm_bytes), "flops": flops,
@@ -237,8 +237,8 @@ def compile_sampler(spec: specs_lib.RunSpec, topo: Topology) -> dict[str, Any]:
     mesh = sharding.make_mesh({"data": 1}, topo.devices[:1])
     graphdef, abstract, _ = sharding.abstract_model(lambda: train_lib.make_model(spec), mesh, spec.mesh.rules)
     one = NamedSharding(mesh, PartitionSpec())
-    params = _structs(bundle_lib.string_keys(nnx.to_pure_dict(abstract)),
-                      jax.tree.map(lambda _: one, bundle_lib.string_keys(nnx.to_pure_dict(abstract))))
+    values = bundle_lib.string_keys(nnx.to_pure_dict(abstract))
+    params = _structs(values, jax.tree.map(lambda _: one, values))
     cfg = spec.model
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), random_batch(cfg, 1))
     batch.pop("actions"), batch.pop("action_mask")

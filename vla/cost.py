@@ -322,9 +322,9 @@ def train_activation_bytes(cfg: VLAConfig) -> float:
     stored = sum(depth * sum(layer[k] for k in kept) for depth, layer in stacks)
     # The text loss materializes fp32 logits over the vocabulary, and their gradient, for
     # text_loss_chunk positions at a time.
-    positions = cfg.max_text_tokens - 1
-    positions = min(positions, cfg.text_loss_chunk) if cfg.text_loss_chunk else positions
-    logits = 2 * positions * cfg.vocab_size * 4 if cfg.text_loss_weight else 0
+    positions, chunks = _text_positions(cfg)
+    live = cfg.text_loss_chunk if chunks > 1 else positions
+    logits = 2 * live * cfg.vocab_size * 4 if cfg.text_loss_weight else 0
     return stored + 2 * max(sum(layer.values()) for _, layer in stacks) + logits
 
 
