@@ -114,6 +114,17 @@ def base_config() -> ml_collections.ConfigDict:
     # "N%" for a deterministic hash hold-out of N% of the train episodes (datasets with only
     # "train", as most of Open X-Embodiment), which training then leaves out.
     c.data.eval_split = "heldout"
+    # Training-time image augmentation of robot examples, drawn per (seed, step, row) inside the
+    # train step (vla/augment.py); off at these neutral values. openpi's π0 recipe: crop_scale
+    # 0.95, rotate_degrees 5, brightness 0.3, contrast 0.4, saturation 0.5, wrist cameras
+    # color-only.
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.crop_scale = 1.0
+    c.data.augment.rotate_degrees = 0.0
+    c.data.augment.brightness = 0.0
+    c.data.augment.contrast = 0.0
+    c.data.augment.saturation = 0.0
+    c.data.augment.color_only_cameras = ()
     c.data.workers = 0  # Grain worker processes; 0 reads in a thread
     c.data.prefetch = 2  # batches read ahead
     c.data.strict = False  # a bad record raises (naming dataset, episode, step) instead of skipping
@@ -131,6 +142,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sim_eval.gif_episodes = 1  # first episodes per task saved as GIFs in WORKDIR/sim_eval/step_N
     c.sim_eval.mode = "sync"  # vla.rtc.ChunkExecutor: sync | naive | rtc
     c.sim_eval.inference_delay = 0  # control ticks an inference takes (naive / rtc)
+    # tools.benchmark's last stage: the exported bundle on `final_episodes` episodes a task for
+    # each scene seed in `final_seeds` (other seeds than the one above, so nothing was chosen on
+    # them), with the first `failure_gifs` failures of each task saved as GIFs.
+    c.sim_eval.final_episodes = 30
+    c.sim_eval.final_seeds = (1, 2)
+    c.sim_eval.failure_gifs = 2
 
     # ---------------------------------------------------------------- metrics
     # metrics.jsonl, TensorBoard and loss.png in the workdir are always written (vla/metrics.py);

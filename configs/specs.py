@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 
 from data.layout import Layout
-from data.spec import DataSpec, FastSpec, GenerationSpec, SourceSpec
+from data.spec import AugmentSpec, DataSpec, FastSpec, GenerationSpec, SourceSpec
 from data.windows import WindowSpec
 from vla.metrics import MetricsSpec
 from vla.models.vla import VLAConfig
@@ -95,6 +95,10 @@ class SimEvalSpec:
     gif_episodes: int
     mode: str
     inference_delay: int
+    # tools.benchmark's final evaluation of the exported bundle (episodes per task and seed).
+    final_episodes: int = 30
+    final_seeds: tuple[int, ...] = (1, 2)
+    failure_gifs: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +197,9 @@ def build(config: ml_collections.ConfigDict) -> RunSpec:
         seed=train.seed, batch_size=train.batch_size, workers=d.workers, prefetch=d.prefetch,
         strict=d.strict,
         # A run configured before this key existed used our own prompts.
-        prompt_format=d.get("prompt_format", "vla"), eval_split=d.get("eval_split", "heldout"))
+        prompt_format=d.get("prompt_format", "vla"), eval_split=d.get("eval_split", "heldout"),
+        # A run configured before this section existed trained without augmentation.
+        augment=_typed(AugmentSpec, d.get("augment", {}), "data.augment"))
     generation = GenerationSpec(
         tasks=tuple(d.tasks), episodes_per_task=d.episodes_per_task,
         heldout_episodes_per_task=d.heldout_episodes_per_task, cameras=tuple(d.render_cameras),

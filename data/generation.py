@@ -120,7 +120,7 @@ def run_job(job: Job) -> Result:
         rollout = metaworld_env.run_episode(env, job.seed, policy, s.video_steps, None, render)
         clips = video.clips(rollout, job.behaviour, env, ends, s.clip_frames, s.clip_stride, rng)
         return Result(job, rollout.success, None, len(rollout.state), [],
-                      [encode_text_example(c) for c in clips])
+                      [encode_text_example(c, env.cameras) for c in clips])
 
     scene_steps = set(rng.choice(_SCENE_WINDOW, s.scene_frames_per_episode, replace=False)
                       .tolist()) if job.split == "train" else set()
@@ -144,8 +144,8 @@ def run_job(job: Job) -> Result:
               for cam in env.cameras}
     episode = rlds.rlds_episode(images, rollout.state, rollout.actions, rollout.rewards,
                                 env.instruction, job.task, True, job.seed, rollout.subtasks)
-    return Result(job, True, episode, n, [encode_text_example(e) for e in scene_examples],
-                  [encode_text_example(c) for c in clips])
+    return Result(job, True, episode, n, [encode_text_example(e, env.cameras) for e in scene_examples],
+                  [encode_text_example(c, env.cameras) for c in clips])
 
 
 # --------------------------------------------------------------------------- driver side

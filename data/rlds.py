@@ -25,7 +25,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from queue import Full
+from queue import Empty, Full
 from typing import Any
 
 import numpy as np
@@ -104,8 +104,16 @@ class TfdsWriter:
                 return self._inbox.put(message, timeout=1.0)
             except Full:
                 if not self._process.is_alive():
-                    raise RuntimeError(f"TFDS writer process died (exit code "
-                                       f"{self._process.exitcode})") from None
+                    raise RuntimeError(f"TFDS writer process died (exit code {self._process.exitcode})"
+                                       f"{self._failure()}") from None
+
+    def _failure(self) -> str:
+        """The traceback the writer process reported before it stopped, if it did."""
+        try:
+            status, detail = self._outbox.get(timeout=1.0)
+        except Empty:
+            return ""
+        return f":\n{detail}" if status == "error" else ""
 
     def write(self, path: str, features: tfds.features.FeaturesDict,
               splits: Mapping[str, Iterable[dict[str, Any]]], metadata: Mapping[str, Any],

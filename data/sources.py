@@ -215,7 +215,8 @@ class TextSource:
         item = self._examples.get()[i]
         lay = self._layout
         ex = lay.empty()
-        images = dict(item.get("images", {}))
+        # A camera with no frames has no view of this example (datasets of several cameras).
+        images = {c: v for c, v in item.get("images", {}).items() if len(v)}
         # Frames of a model camera stay in that camera; otherwise the first view goes first.
         placed = {c: images[c] for c in lay.cameras if c in images}
         if images and not placed:

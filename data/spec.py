@@ -5,6 +5,7 @@ configs/specs.py builds these from a run config; nothing in data/ reads the conf
     DataSpec        the mixture: sources, window, example layout, prompt format, tokenizer,
                     normalization, FAST targets, seed and global batch size, readers
     SourceSpec      one mixture component (a config's data.sources.<name>)
+    AugmentSpec     training-time image augmentation (applied by vla/augment.py in the step)
     FastSpec        π0.5 FAST action targets: whether on, and how to fit the tokenizer
     GenerationSpec  what tools.generate plays and renders (Meta-World tasks, episodes, cameras)
 """
@@ -85,6 +86,39 @@ class FastSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """Training-time image augmentation of robot examples (config.data.augment; the recipe and
+    why it runs in the train step: vla/augment.py). Neutral values turn a part off."""
+
+    crop_scale: float = 1.0  # the crop's side is drawn in [crop_scale, 1] of the image's
+    rotate_degrees: float = 0.0  # rotation drawn in [-x, x] degrees
+    brightness: float = 0.0  # each colour factor is drawn in [1 - x, 1 + x]
+    contrast: float = 0.0
+    saturation: float = 0.0
+    color_only_cameras: tuple[str, ...] = ()  # e.g. wrist cameras: no crop or rotation
+
+    def __post_init__(self):
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"config.data.augment.crop_scale={self.crop_scale} must be in (0, 1]")
+        for name in ("rotate_degrees", "brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) < (180.0 if name == "rotate_degrees" else 1.0):
+                raise ValueError(f"config.data.augment.{name}={getattr(self, name)} is out of range "
+                                 f"(rotate_degrees in [0, 180), colour amounts in [0, 1))")
+
+    @property
+    def geometric(self) -> bool:
+        return self.crop_scale < 1.0 or self.rotate_degrees > 0.0
+
+    @property
+    def color(self) -> bool:
+        return self.brightness > 0.0 or self.contrast > 0.0 or self.saturation > 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.geometric or self.color
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSpec:
     """The mixture of a run. sources are sorted by name: batch["source"] indexes them."""
 
@@ -106,6 +140,7 @@ class DataSpec:
     # What the held-out evaluation reads of each robot source without its own eval_split: a split
     # name, or "N%" for a hash hold-out of N% of the train episodes (data/robot_data.py).
     eval_split: str = "heldout"
+    augment: AugmentSpec = AugmentSpec()  # training only (vla/augment.py)
 
     def __post_init__(self):
         if self.prompt_format not in PROMPT_FORMATS:
@@ -125,6 +160,11 @@ class DataSpec:
     @property
     def robot_sources(self) -> tuple[SourceSpec, ...]:
         return tuple(s for s in self.sources if s.kind == "robot")
+
+    @property
+    def robot_source_ids(self) -> tuple[int, ...]:
+        """The batch["source"] values of the robot sources."""
+        return tuple(i for i, s in enumerate(self.sources) if s.kind == "robot")
 
     @property
     def fast_targets(self) -> bool:

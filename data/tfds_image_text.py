@@ -33,11 +33,15 @@ def text_features(cameras: Sequence[str], image_size: int) -> tfds.features.Feat
     })
 
 
-def encode_text_example(example: dict[str, Any]) -> dict[str, Any]:
-    """Canonical example (images uint8 [T, H, W, 3]) -> writable dict with PNG frames."""
-    return {**example,
-            "images": {cam: [encode_png(f) for f in frames]
-                       for cam, frames in example["images"].items()}}
+def encode_text_example(example: dict[str, Any], cameras: Sequence[str]) -> dict[str, Any]:
+    """Canonical example (images {cam: uint8 [T, H, W, 3]}) -> writable dict with PNG frames
+    under every camera of the dataset's features (text_features(cameras)); a camera the
+    example has no view from gets no frames (readers treat it as absent)."""
+    images = example["images"]
+    unknown = sorted(set(images) - set(cameras))
+    if unknown:
+        raise ValueError(f"text example has cameras {unknown} that the dataset ({list(cameras)}) lacks")
+    return {**example, "images": {cam: [encode_png(f) for f in images.get(cam, ())] for cam in cameras}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,7 @@ class ImageTextSource:
                                      shard_of(self._builder.info.splits[self.split], index)) from e
         if self.fields is None:
             return {"images": {cam: np.stack(frames).astype(np.uint8)
-                               for cam, frames in record["images"].items()},
+                               for cam, frames in record["images"].items() if len(frames)},
                     "prompt": _text(record["prompt"]), "target": _text(record["target"]),
                     "task": _text(record["task"])}
         f = self.fields

@@ -1,5 +1,6 @@
 """Checkpoints: exact restore onto a smaller mesh, and exact resume of `python -m vla.train` after
-kill -9 and after SIGTERM (same per-step losses, bitwise-identical final state)."""
+kill -9 and after SIGTERM (same per-step losses, bitwise-identical final state), with
+training-time image augmentation on."""
 import json
 import os
 import signal
@@ -49,7 +50,10 @@ def test_restore_onto_a_smaller_mesh_is_exact(tmp_path):
 def _flags(root: str) -> list[str]:
     overrides = {"data.root": root, "model.image_size": 32, "batch_size": 8, "total_steps": STEPS,
                  "log_every": 1, "checkpoint_every": EVERY, "eval_every": 1000, "eval_batches": 1,
-                 "chip": "h100", "knobs.flow_steps": 2, "optimizer.warmup_steps": 2}
+                 "chip": "h100", "knobs.flow_steps": 2, "optimizer.warmup_steps": 2,
+                 # Augmentation on: a resumed run must draw the same crops and colours.
+                 "data.augment.crop_scale": 0.9, "data.augment.rotate_degrees": 5.0,
+                 "data.augment.brightness": 0.3, "data.augment.saturation": 0.5}
     return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 

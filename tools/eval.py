@@ -1,13 +1,14 @@
 """Closed-loop Meta-World evaluation of a bundle (LeRobot's protocol; see vla/sim_eval.py).
 
     python -m tools.eval --bundle BUNDLE [--tasks mt10] [--episodes 10] [--seed 0]
-        [--max_steps 500] [--gifs 2] [--mode sync|naive|rtc] [--inference_delay 0]
+        [--max_steps 500] [--gifs 2] [--failure_gifs 0] [--mode sync|naive|rtc] [--inference_delay 0]
         [--steps_executed N] [--out DIR]
 
 --tasks takes task and group names, comma-separated: mt10, mt50, easy, medium, hard, very_hard,
 reach-v3, ... (default: the tasks the bundle's run trained on). Writes OUT/results.json (per task,
 group and overall; every episode's seed, success and steps; policy metadata; timing),
-OUT/results.md (the table, also printed) and OUT/gifs/ (the first --gifs episodes of each task).
+OUT/results.md (the table, also printed) and OUT/gifs/ (the first --gifs episodes of each task,
+and its first --failure_gifs failed ones).
 OUT defaults to BUNDLE-eval next to the bundle.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     out = f.out or default_out(f.bundle)
     results = run(f.bundle, f.tasks, out, episodes=f.episodes, seed=f.seed,
-                  max_steps=f.max_steps, gif_episodes=f.gifs, mode=f.mode,
+                  max_steps=f.max_steps, gif_episodes=f.gifs, failure_gifs=f.failure_gifs, mode=f.mode,
                   inference_delay=f.inference_delay, steps_executed=f.steps_executed)
     t = results["timing"]
     print(sim_eval.format_table(results))
@@ -65,6 +66,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_steps", sim_eval.MAX_STEPS, "Env steps (80 Hz) per episode at most; an episode that "
                          "has not succeeded by then fails.")
     flags.DEFINE_integer("gifs", 2, "Episodes per task saved as GIFs in OUT/gifs/ (the first ones).")
+    flags.DEFINE_integer("failure_gifs", 0, "Failed episodes per task saved as GIFs in OUT/gifs/ too (the first "
+                         "ones that fail).")
     flags.DEFINE_enum("mode", "sync", list(MODES), "How action chunks are executed (vla/rtc.py): sync waits for "
                       "each inference; naive and rtc run the next inference while the current chunk executes "
                       "(rtc, real-time chunking, makes the new chunk continue the old one).")

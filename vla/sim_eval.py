@@ -295,14 +295,15 @@ class EnvCache:
 def evaluate(make_source: Callable[[MetaWorldEnv, int], ActionSource],
              tasks: str | Sequence[str], spec: PolicySpec, *, episodes: int = EPISODES, seed: int = 0,
              max_steps: int = MAX_STEPS, gif_episodes: int = 0, gif_dir: str | None = None,
-             envs: EnvCache | None = None, stop_at_success: bool = True, progress: bool = True
-             ) -> dict[str, Any]:
+             envs: EnvCache | None = None, stop_at_success: bool = True, progress: bool = True,
+             failure_gifs: int = 0) -> dict[str, Any]:
     """Plays `episodes` seeded episodes of every task, each with the actions of
     make_source(env, episode seed).
 
     envs: reuse environments across calls (the trainer hook); else built here and closed.
     gif_dir: where the first `gif_episodes` episodes of each task are written as GIFs
-    (TASK_epI_success.gif / _failure.gif, real time at control_hz).
+    (TASK_epI_success.gif / _failure.gif, real time at control_hz), and also the first
+    `failure_gifs` failed episodes of each task (what one looks at to see why a task fails).
     Returns the JSON-able results (see `summarize`).
     """
     if episodes < 1:
@@ -315,7 +316,7 @@ def evaluate(make_source: Callable[[MetaWorldEnv, int], ActionSource],
     if (envs.cameras, envs.image_size) != (spec.cameras, spec.image_size):
         raise ValueError(f"env cache renders {envs.cameras} at {envs.image_size}², the policy "
                          f"wants {spec.cameras} at {spec.image_size}²")
-    if gif_dir and gif_episodes:
+    if gif_dir and (gif_episodes or failure_gifs):
         storage.path(gif_dir).mkdir(parents=True, exist_ok=True)
     start, build_before = time.perf_counter(), envs.build_seconds
     results: dict[str, list[EpisodeResult]] = {}
@@ -325,13 +326,17 @@ def evaluate(make_source: Callable[[MetaWorldEnv, int], ActionSource],
         for task in tasks:
             env = envs.get(task)
             results[task] = []
+            failures_shown = 0
             for i in range(episodes):
-                gif = bool(gif_dir) and i < gif_episodes
+                first = i < gif_episodes
+                keep = bool(gif_dir) and (first or failures_shown < failure_gifs)
                 ep_seed = episode_seed(seed, task, i)
                 result, frames = run_episode(env, make_source(env, ep_seed), ep_seed, schedule,
-                                             i, keep_frames=gif, stop_at_success=stop_at_success)
+                                             i, keep_frames=keep, stop_at_success=stop_at_success)
                 results[task].append(result)
-                if gif:
+                failed = keep and not result.success and failures_shown < failure_gifs
+                failures_shown += failed
+                if keep and (first or failed):
                     write_gif(storage.join(
                         gif_dir, f"{task}_ep{i}_{'success' if result.success else 'failure'}.gif"),
                         frames, spec.control_hz)
@@ -384,7 +389,8 @@ def evaluate_policy(policy: Policy, tasks: str | Sequence[str], *, episodes: int
                     seed: int = 0, max_steps: int = MAX_STEPS, gif_episodes: int = 0,
                     out_dir: str | None = None, mode: str = "sync", inference_delay: int = 0,
                     steps_executed: int | None = None, envs: EnvCache | None = None,
-                    stop_at_success: bool = True, progress: bool = True) -> dict[str, Any]:
+                    stop_at_success: bool = True, progress: bool = True,
+                    failure_gifs: int = 0) -> dict[str, Any]:
     """`evaluate` with a vla.policy.Policy run by vla.rtc.ChunkExecutor(mode, inference_delay,
     steps_executed: default the policy's), one executor per episode with the episode's seed.
 
@@ -401,7 +407,7 @@ def evaluate_policy(policy: Policy, tasks: str | Sequence[str], *, episodes: int
 
     results = evaluate(make_source, resolve_tasks(tasks), PolicySpec.from_metadata(metadata),
                        episodes=episodes, seed=seed, max_steps=max_steps,
-                       gif_episodes=gif_episodes,
+                       gif_episodes=gif_episodes, failure_gifs=failure_gifs,
                        gif_dir=storage.join(out_dir, "gifs") if out_dir else None, envs=envs,
                        stop_at_success=stop_at_success, progress=progress)
     results["executor"] = {"mode": mode, "steps_executed": steps, "inference_delay": inference_delay}

@@ -46,6 +46,8 @@ from configs import cli
 from configs import specs as specs_lib
 from data import pipeline as pipeline_lib
 from data import storage
+from data.spec import AugmentSpec
+from vla import augment as augment_lib
 from vla import cost, sharding
 from vla import optimizer as optimizer_lib
 from vla.checkpoint import Checkpointer, abstract_like
@@ -147,8 +149,12 @@ def _count_nonfinite(state: State) -> jax.Array:
 
 
 def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, num_sources: int
+                    tx: optax.GradientTransformation, num_sources: int,
+                    augment: AugmentSpec | None = None, cameras: tuple[str, ...] = (),
+                    robot_sources: tuple[int, ...] = ()
                     ) -> Callable[[State, Batch], tuple[State, dict]]:
+    """The step: augment the robot rows' images (vla/augment.py; `cameras` in the layout's
+    order), then loss, gradients (accumulated over microbatches) and the optimizer update."""
     accum = optimizer.grad_accum_steps
     schedule = optimizer_lib.learning_rate(optimizer)
 
@@ -166,6 +172,8 @@ def make_train_step(optimizer: optimizer_lib.OptimizerSpec, seed: int, graphdef:
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        if augment is not None:
+            batch = augment_lib.augment_batch(augment, batch, seed, state["step"], cameras, robot_sources)
         params = state["params"]
         mask = optimizer_lib.trainable_mask(params, optimizer.freeze, optimizer.also_train)
         trainable = optimizer_lib.select(params, mask)
@@ -213,7 +221,8 @@ def jit_train_step(spec: specs_lib.RunSpec, mesh: jax.sharding.Mesh, graphdef: n
     """The jitted step the trainer runs (and tools.aot compiles for a TPU topology): the state
     donated, its output shardings pinned so it keeps its layout step after step, the metrics
     replicated so every process can read them."""
-    step_fn = make_train_step(spec.optimizer, spec.train.seed, graphdef, tx, num_sources)
+    step_fn = make_train_step(spec.optimizer, spec.train.seed, graphdef, tx, num_sources,
+                              spec.data.augment, spec.model.cameras, spec.data.robot_source_ids)
     return jax.jit(step_fn, donate_argnums=0,
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
