@@ -23,11 +23,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data.spec import AugmentSpec
 
 _STREAM = 0x6175_6703  # folded into the run's key so augmentation draws its own numbers
-_GRAY = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+# A numpy constant: a jnp array made at import would start the XLA backend before
+# jax.distributed.initialize (multi-process runs refuse that).
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def example_keys(seed: int, step: jax.Array, batch_size: int) -> jax.Array:
