@@ -10,19 +10,22 @@ a list gets the MT10 settings). What it produces: scripted-expert data of the ta
 30 episodes a task for each of two held-out scene seeds (LeRobot's protocol), the time of every
 stage, DIR/success.png (success against training step) and failure GIFs (tools/benchmark.py).
 
-Choices for MT10 on the 2-core CPU (90 minutes end to end, BENCHMARKS.md has the measurements):
+Choices for MT10 on the 2-core CPU. They are PROVISIONAL: the recipe that meets the 90-minute,
+85% goal has not been found yet. BENCHMARKS.md "Meta-World MT10" has the measurements so far.
 - Two cameras at 96²: corner2 (LeRobot's view, which shows height) and topview (which places
-  the goal and the puck on the table). With corner2 alone at 64² the reach/push/pick-place goals
-  are a pixel or two and depth along the view ray is ambiguous: those tasks stayed at 0-30%.
-- Patch 12 (8 × 8 tokens a camera): the token count of the demo's 64²/8 per camera.
-- The mu ViT with gemma_small (about 8× the demo's FLOPs): ten tasks need more than 255k
-  parameters, and more steps at the demo's size did not fix its weakest tasks.
-- Augmentation: openpi's π0 recipe (vla/augment.py).
-- Robot data only by default: at this scale and equal steps, the vision-language and video
-  sources cost robot examples without a measured gain; the ablation turns them on with
-  --config.data.sources.scenes_vl.weight=0.1 --config.data.sources.rollout_video.weight=0.1.
+  the goal and the puck on the table). With corner2 alone at 64², the reach, push and pick-place
+  goals are a pixel or two wide and their depth along the view ray is ambiguous. Those tasks
+  stayed at 0-30% (demo-scale MT10, FACTS.md).
+- Patch 12 (8 × 8 tokens a camera): the demo's per-camera token count at 64²/8.
+- The model: mu/12 + gemma_small. Measured so far, its step costs 4× the tiny pair's on this
+  CPU. The tiny pair (tiny/12 + gemma_tiny) at 4,000 steps with this data and augmentation
+  scored 40% (seed 1), no better than the demo config.
+- Augmentation: openpi's π0 recipe (vla/augment.py). Its effect here is not measured yet.
+- Robot data only by default: at demo scale and equal steps, the vision-language and video
+  sources cost robot examples without a measured gain. The co-training ablation turns them on
+  with --config.data.sources.scenes_vl.weight=0.1 --config.data.sources.rollout_video.weight=0.1.
 MT50 on one GPU: the same recipe at 128² with the S/16 ViT and a 6-layer, 256-wide decoder,
-batch 128, 30k steps, 50 demonstrations a task.
+batch 128, 30k steps, 50 demonstrations a task (not run yet).
 """
 import ml_collections
 

@@ -123,7 +123,7 @@ def plot_success(path: str, curve: dict[int, dict[str, float]], final: dict[int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     steps = list(curve)
     tasks = sorted({k for rates in [*curve.values(), *final.values()] for k in rates} - {"overall"})
     cmap = plt.get_cmap("tab20")
@@ -141,7 +141,7 @@ def plot_success(path: str, curve: dict[int, dict[str, float]], final: dict[int,
         ax.plot([s], [100 * rates["overall"]], "*", color="black", ms=16, label="overall (final)")
     ax.set(xlabel="training step", ylabel="closed-loop success (%)", ylim=(-3, 103), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     storage.path(path).write_bytes(_png(fig))
     plt.close(fig)
